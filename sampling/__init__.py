@@ -1,0 +1,9 @@
+"""The sampling core: exact, batched, fast token sampling and decoding on top of any `CausalLM`.
+
+Depends on torch and the standard library only.
+"""
+
+from sampling.config import ORDERS, PRESETS, SamplingConfig, get_preset
+from sampling.sampler import Candidates, SampleOutput, TokenSampler
+
+__all__ = ["ORDERS", "PRESETS", "Candidates", "SampleOutput", "SamplingConfig", "TokenSampler", "get_preset"]

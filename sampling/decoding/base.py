@@ -1,0 +1,112 @@
+"""What every decoder shares: the `CausalLM` protocol it drives and the `GenerationOutput` it returns.
+
+The protocol is deliberately small so that any model with a KV cache can be plugged in: a batched
+forward that appends to a cache, cropping the cache back (speculative decoding rolls back rejected
+drafts), and an early-exit split of the layer stack (self-speculative decoding drafts with the first
+E layers and verifies with the rest, sharing the first E layers' cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from sampling.config import SamplingConfig
+
+
+@runtime_checkable
+class CausalLM(Protocol):
+    """A decoder-only language model with an explicit KV cache.
+
+    Logits are always returned as float32 ``[B, T, V]`` on the model's device, whatever its dtype.
+    ``attention_mask`` (``[B, past + T]``, 1 = real token, 0 = padding) covers the cached tokens and the
+    new ones; ``None`` means no padding. Position ids are derived from the mask, so left-padded rows
+    get the same positions as they would alone.
+    """
+
+    num_layers: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    max_context: int | None
+    device: torch.device
+
+    def new_cache(self) -> Any:
+        """An empty KV cache for a new batch."""
+        ...
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run all layers on ``input_ids`` [B, T] appended to ``cache``; returns logits [B, T, V]."""
+        ...
+
+    def forward_early_exit(
+        self, input_ids: torch.Tensor, cache: Any, exit_layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run layers ``[0, exit_layer)`` + final norm + LM head (batch 1, no padding).
+
+        Returns ``(logits [1, T, V], hidden [1, T, H])`` where ``hidden`` is the residual stream
+        entering layer ``exit_layer``. Only the first ``exit_layer`` layers' cache grows.
+        """
+        ...
+
+    def forward_from_layer(self, hidden: torch.Tensor, cache: Any, start_layer: int) -> torch.Tensor:
+        """Run layers ``[start_layer, L)`` + norm + head on ``hidden`` (batch 1); returns logits [1, T, V]."""
+        ...
+
+    def cache_length(self, cache: Any) -> int:
+        """Number of positions held by the full (last) layer of the cache."""
+        ...
+
+    def crop_cache(self, cache: Any, length: int) -> None:
+        """Drop every cached position at index >= ``length`` in every layer (in place)."""
+        ...
+
+
+@dataclass
+class GenerationOutput:
+    """Everything a decoder produced for one batch of prompts.
+
+    ``token_ids[i]`` holds the new tokens of prompt ``i`` (without the stop token unless the decoder was
+    asked to keep it). The per-token lists are aligned with ``token_ids``: ``model_logprobs[i][t]`` is the
+    log-softmax of the generating model's raw logits at token t, ``entropies`` and ``num_kept`` describe the
+    sampling distribution it was drawn from.
+    """
+
+    token_ids: list[list[int]]
+    model_logprobs: list[list[float]] = field(default_factory=list)
+    entropies: list[list[float]] = field(default_factory=list)
+    num_kept: list[list[int]] = field(default_factory=list)
+    finished_by_stop: list[bool] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    sampler_seconds: float = 0.0
+    sampler_calls: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+    """Decoder-specific accounting (speculative: drafted/accepted tokens, α, α̂, τ, c, ...)."""
+
+    @property
+    def num_new_tokens(self) -> int:
+        return sum(len(ids) for ids in self.token_ids)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.prefill_seconds + self.decode_seconds
+
+
+class Decoder(Protocol):
+    """The one signature every decoder shares."""
+
+    def generate(
+        self,
+        model: CausalLM,
+        prompt_ids: list[list[int]],
+        config: SamplingConfig,
+        max_new_tokens: int,
+        stop_ids: Sequence[int] = (),
+    ) -> GenerationOutput: ...
