@@ -8,6 +8,7 @@ E layers and verifies with the rest, sharing the first E layers' cache).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -110,3 +111,47 @@ class Decoder(Protocol):
         max_new_tokens: int,
         stop_ids: Sequence[int] = (),
     ) -> GenerationOutput: ...
+
+
+def stop_set(model: CausalLM, stop_ids: Sequence[int]) -> frozenset[int]:
+    """Tokens that end a row: the caller's stop ids plus the model's EOS ids."""
+    return frozenset(int(t) for t in stop_ids) | frozenset(model.eos_token_ids)
+
+
+def resolve_row_seeds(config: SamplingConfig, num_rows: int, row_seeds: Sequence[int] | None) -> torch.Tensor:
+    """Per-row seeds: the caller's, else ``config.seed + row``, else random.
+
+    Callers that split a prompt set into batches pass ``row_seeds`` derived from each prompt's global
+    index, so a prompt's sample never depends on how the prompts were batched.
+    """
+    if row_seeds is not None:
+        if len(row_seeds) != num_rows:
+            raise ValueError(f"row_seeds has {len(row_seeds)} entries for {num_rows} prompts")
+        return torch.tensor(list(row_seeds), dtype=torch.long)
+    if config.seed is not None:
+        return config.seed + torch.arange(num_rows, dtype=torch.long)
+    return torch.randint(0, 2**62, (num_rows,), dtype=torch.long)
+
+
+def fit_prompts(
+    model: CausalLM, prompt_ids: list[list[int]], max_new_tokens: int, truncate: bool
+) -> list[list[int]]:
+    """Check prompts against the model's context; left-truncate (with a warning) or raise."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt must have at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    limit = model.max_context
+    if limit is None:
+        return prompt_ids
+    room = limit - max_new_tokens
+    too_long = [i for i, p in enumerate(prompt_ids) if len(p) > room]
+    if not too_long:
+        return prompt_ids
+    if not truncate or room < 1:
+        raise ValueError(
+            f"prompt(s) {too_long} do not fit: prompt + max_new_tokens={max_new_tokens} exceeds the model's "
+            f"context of {limit} tokens (set truncate_prompts=true to keep each prompt's last {room} tokens)"
+        )
+    warnings.warn(f"left-truncating prompt(s) {too_long} to their last {room} tokens", stacklevel=3)
+    return [p[-room:] for p in prompt_ids]
