@@ -39,8 +39,14 @@ class SamplingConfig:
         def fail(name: str, allowed: str) -> None:
             raise ValueError(f"sampling.{name}={getattr(self, name)!r} is invalid: must be {allowed}")
 
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
-                     "presence_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 fail(name, "a number")
@@ -91,15 +97,15 @@ class SamplingConfig:
 
     @property
     def has_penalties(self) -> bool:
-        return (
-            self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-        )
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def replace(self, **overrides: object) -> SamplingConfig:
         """A copy with some fields changed (validated again)."""
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
-            raise ValueError(f"unknown sampling field(s) {sorted(unknown)}; known: {[f.name for f in fields(self)]}")
+            raise ValueError(
+                f"unknown sampling field(s) {sorted(unknown)}; known: {[f.name for f in fields(self)]}"
+            )
         return replace(self, **overrides)
 
 
@@ -107,7 +113,9 @@ PRESETS: dict[str, SamplingConfig] = {
     "creative": SamplingConfig(temperature=1.2, top_p=0.95, top_k=100, repetition_penalty=1.2),
     "balanced": SamplingConfig(temperature=0.7, top_p=0.9, top_k=50, repetition_penalty=1.15),
     "precise": SamplingConfig(temperature=0.3, top_p=0.9, top_k=20, repetition_penalty=1.1),
-    "deterministic": SamplingConfig(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, do_sample=False),
+    "deterministic": SamplingConfig(
+        temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, do_sample=False
+    ),
 }
 """The guide's presets; repetition penalties from the original module."""
 

@@ -42,7 +42,9 @@ def uniform(keys: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor
     return (_shift_right(hashed, 11).double() + 0.5) * (2.0**-53)
 
 
-def race_argmax(log_weights: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+def race_argmax(
+    log_weights: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Index of the exponential-race winner per row: ``argmax(w_i / E_i)`` with ``E_i ~ Exp(1)``.
 
     Picks column i with probability ``w_i / Σ w``; works on unnormalized log-weights (``-inf`` = never).

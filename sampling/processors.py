@@ -34,7 +34,9 @@ def apply_penalties(
     """
     rep_on = repetition_penalty != 1.0 and history is not None and history.numel() > 0
     counted = history if generated is None else generated
-    openai_on = (frequency_penalty != 0.0 or presence_penalty != 0.0) and counted is not None and counted.numel() > 0
+    openai_on = (
+        (frequency_penalty != 0.0 or presence_penalty != 0.0) and counted is not None and counted.numel() > 0
+    )
     if not (rep_on or openai_on):
         return logits
     out = logits.clone()
@@ -44,7 +46,9 @@ def apply_penalties(
         if repetition_window is not None and ids.shape[1] > repetition_window:
             real_from_end = valid.flip(1).cumsum(1).flip(1)
             valid = valid & (real_from_end <= repetition_window)
-        _scatter_distinct(out, ids, valid, lambda v: torch.where(v > 0, v / repetition_penalty, v * repetition_penalty))
+        _scatter_distinct(
+            out, ids, valid, lambda v: torch.where(v > 0, v / repetition_penalty, v * repetition_penalty)
+        )
     if openai_on:
         ids = counted.to(out.device)
         valid = ids >= 0

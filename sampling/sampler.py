@@ -24,6 +24,7 @@ from sampling.processors import FILTERS, NEG_INF, apply_penalties, min_p_filter,
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 8
+_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -107,23 +108,39 @@ class TokenSampler:
         if self.config.is_greedy:
             tokens = _greedy(penalized)
             zeros = torch.zeros(batch, device=raw.device)
-            return SampleOutput(tokens, zeros, _model_logprobs(raw, tokens), zeros.clone(),
-                                torch.ones(batch, dtype=torch.long, device=raw.device))
+            return SampleOutput(
+                tokens,
+                zeros,
+                _model_logprobs(raw, tokens),
+                zeros.clone(),
+                torch.ones(batch, dtype=torch.long, device=raw.device),
+            )
         candidates = self.candidates(penalized, already_penalized=True)
-        keys = noise.row_keys(self._row_seeds(batch, raw.device, generator, row_seeds),
-                              torch.as_tensor(step, device=raw.device).expand(batch))
+        keys = noise.row_keys(
+            self._row_seeds(batch, raw.device, generator, row_seeds),
+            torch.as_tensor(step, device=raw.device).expand(batch),
+        )
         winner = noise.race_argmax(candidates.logits, keys, candidates.ids).unsqueeze(1)
         tokens = candidates.ids.gather(1, winner).squeeze(1)
         log_probs = candidates.log_probs()
         kept = torch.isfinite(candidates.logits)
         entropy = -torch.where(kept, log_probs.exp() * log_probs, 0.0).sum(1)
-        return SampleOutput(tokens, log_probs.gather(1, winner).squeeze(1), _model_logprobs(raw, tokens),
-                            entropy, kept.sum(1))
+        return SampleOutput(
+            tokens, log_probs.gather(1, winner).squeeze(1), _model_logprobs(raw, tokens), entropy, kept.sum(1)
+        )
 
-    def candidates(self, logits: torch.Tensor, history: torch.Tensor | None = None,
-                   generated: torch.Tensor | None = None, *, already_penalized: bool = False) -> Candidates:
+    def candidates(
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor | None = None,
+        generated: torch.Tensor | None = None,
+        *,
+        already_penalized: bool = False,
+    ) -> Candidates:
         """Final logits on the smallest candidate set that provably holds every token with mass."""
-        penalized = logits if already_penalized else self._penalize(_last_position(logits), history, generated)
+        penalized = (
+            logits if already_penalized else self._penalize(_last_position(logits), history, generated)
+        )
         config = self.config
         filters = [stage for stage in config.stages if stage in FILTERS]
         vocab = penalized.shape[1]
@@ -137,7 +154,7 @@ class TokenSampler:
         final = torch.full((penalized.shape[0], width), NEG_INF, device=penalized.device)
         pending = torch.arange(penalized.shape[0], device=penalized.device)
         while pending.numel():
-            values, cand_ids = torch.topk(penalized[pending], width, dim=1)
+            values, cand_ids = top_candidates(penalized[pending], width)
             row_log_total = None if log_total is None else log_total[pending]
             row_final, decided = self._run_stages(values, row_log_total)
             decided |= width == vocab
@@ -152,7 +169,9 @@ class TokenSampler:
             width = min(vocab, width * _GROWTH)
         return Candidates(ids, final)
 
-    def _run_stages(self, values: torch.Tensor, log_total: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_stages(
+        self, values: torch.Tensor, log_total: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Temperature and filters in the config's order on sorted candidate values.
 
         ``log_total`` (the full vocabulary's log-normalizer) feeds the first filter if it is top-p.
@@ -183,19 +202,28 @@ class TokenSampler:
         scaled = penalized / self.config.temperature if tempered else penalized
         return torch.logsumexp(scaled.double(), dim=1)
 
-    def _penalize(self, raw: torch.Tensor, history: torch.Tensor | None,
-                  generated: torch.Tensor | None) -> torch.Tensor:
+    def _penalize(
+        self, raw: torch.Tensor, history: torch.Tensor | None, generated: torch.Tensor | None
+    ) -> torch.Tensor:
         config = self.config
         penalized = apply_penalties(
-            raw, history,
-            repetition_penalty=config.repetition_penalty, repetition_window=config.repetition_window,
-            generated=generated, frequency_penalty=config.frequency_penalty,
+            raw,
+            history,
+            repetition_penalty=config.repetition_penalty,
+            repetition_window=config.repetition_window,
+            generated=generated,
+            frequency_penalty=config.frequency_penalty,
             presence_penalty=config.presence_penalty,
         )
         return _check_finite_mass(penalized)
 
-    def _row_seeds(self, batch: int, device: torch.device, generator: torch.Generator | None,
-                   row_seeds: torch.Tensor | None) -> torch.Tensor:
+    def _row_seeds(
+        self,
+        batch: int,
+        device: torch.device,
+        generator: torch.Generator | None,
+        row_seeds: torch.Tensor | None,
+    ) -> torch.Tensor:
         if row_seeds is not None:
             seeds = torch.as_tensor(row_seeds, dtype=torch.long, device=device)
             if seeds.shape != (batch,):
@@ -204,6 +232,33 @@ class TokenSampler:
         if self.config.seed is not None:
             return torch.full((batch,), self.config.seed, dtype=torch.long, device=device)
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
+
+
+def top_candidates(
+    logits: torch.Tensor, width: int, chunk: int = _CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, width)`` (values sorted descending, ids) without a top-k over the vocabulary.
+
+    The row is cut into chunks of ``chunk`` tokens; only the ``width`` chunks with the largest maxima
+    can hold the top ``width`` tokens (each of them holds a token at least as large as the
+    ``width``-th chunk maximum, and every other chunk lies wholly below it). One ``amax`` pass plus a
+    top-k over a few thousand gathered values replaces a top-k over the whole row.
+    """
+    batch, vocab = logits.shape
+    num_chunks = vocab // chunk
+    if width * chunk * 4 > vocab:
+        return torch.topk(logits, width, dim=1)
+    chunked = logits[:, : num_chunks * chunk].view(batch, num_chunks, chunk)
+    best_chunks = torch.topk(chunked.amax(dim=2), width, dim=1).indices
+    gathered = chunked.gather(1, best_chunks.unsqueeze(2).expand(-1, -1, chunk)).reshape(batch, -1)
+    offsets = torch.arange(chunk, device=logits.device)
+    ids = (best_chunks.unsqueeze(2) * chunk + offsets).reshape(batch, -1)
+    if vocab > num_chunks * chunk:  # the ragged tail is always a candidate
+        gathered = torch.cat([gathered, logits[:, num_chunks * chunk :]], dim=1)
+        tail_ids = torch.arange(num_chunks * chunk, vocab, device=logits.device).expand(batch, -1)
+        ids = torch.cat([ids, tail_ids], dim=1)
+    values, positions = torch.topk(gathered, width, dim=1)
+    return values, ids.gather(1, positions)
 
 
 def _last_position(logits: torch.Tensor) -> torch.Tensor:

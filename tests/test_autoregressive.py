@@ -87,7 +87,9 @@ def test_repetition_penalty_ignores_padding(tiny):
 
 
 def test_outputs_account_forwards_and_time(tiny):
-    out = AutoregressiveDecoder().generate(tiny, PROMPTS[:2], get_preset("balanced", seed=1), max_new_tokens=5)
+    out = AutoregressiveDecoder().generate(
+        tiny, PROMPTS[:2], get_preset("balanced", seed=1), max_new_tokens=5
+    )
     assert out.target_forwards == out.sampler_calls <= 5
     assert out.prefill_seconds > 0 and out.decode_seconds >= 0 and out.sampler_seconds > 0
     assert all(n >= 1 for row in out.num_kept for n in row)
@@ -96,12 +98,15 @@ def test_outputs_account_forwards_and_time(tiny):
 def test_prompt_longer_than_context(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "max_context", 12)
     long_prompt = list(range(1, 11))
-    with pytest.raises(ValueError, match="do not fit.*context of 12"):
+    with pytest.raises(ValueError, match=r"do not fit.*context of 12"):
         AutoregressiveDecoder().generate(tiny, [long_prompt], get_preset("deterministic"), max_new_tokens=4)
     with pytest.warns(UserWarning, match="left-truncating"):
         out = AutoregressiveDecoder(truncate_prompts=True).generate(
             tiny, [long_prompt], get_preset("deterministic"), max_new_tokens=4
         )
-    assert out.token_ids == AutoregressiveDecoder().generate(
-        tiny, [long_prompt[-8:]], get_preset("deterministic"), max_new_tokens=4
-    ).token_ids
+    assert (
+        out.token_ids
+        == AutoregressiveDecoder()
+        .generate(tiny, [long_prompt[-8:]], get_preset("deterministic"), max_new_tokens=4)
+        .token_ids
+    )

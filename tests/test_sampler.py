@@ -13,6 +13,7 @@ from scipy.stats import chisquare
 
 from sampling import ORDERS, PRESETS, SamplingConfig, TokenSampler, get_preset
 from sampling.processors import apply_penalties, top_p_filter
+from sampling.sampler import top_candidates
 
 # ---------------------------------------------------------------------------------------------------
 # Reference: one row at a time, float64, per-token definitions, no sorting tricks.
@@ -99,7 +100,9 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("order", sorted(ORDERS))
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}-m{c.min_p}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}-m{c.min_p}"
+)
 def test_distribution_matches_reference_on_adversarial_rows(config, order):
     config = config.replace(order=order)
     rows = adversarial_rows()
@@ -130,7 +133,11 @@ def test_large_vocab_fallback_paths_are_exact():
     gen = torch.Generator().manual_seed(1)
     vocab = 40_000
     logits = torch.randn(3, vocab, generator=gen) * torch.tensor([[0.01], [0.3], [3.0]])
-    for config in [SamplingConfig(top_p=0.9), SamplingConfig(min_p=0.5), SamplingConfig(top_k=3000, top_p=0.99)]:
+    for config in [
+        SamplingConfig(top_p=0.9),
+        SamplingConfig(min_p=0.5),
+        SamplingConfig(top_k=3000, top_p=0.99),
+    ]:
         probs = TokenSampler(config).distribution(logits)
         for b in range(3):
             np.testing.assert_allclose(probs[b].numpy(), _dense_reference_fast(logits[b], config), atol=1e-6)
@@ -220,8 +227,13 @@ STAT_LOGITS = torch.tensor([1.6, 1.2, 1.0, 1.0, 0.7, 0.2, -0.5, -1.0, -2.0, floa
 
 @pytest.mark.parametrize(
     "config",
-    [SamplingConfig(), SamplingConfig(top_p=0.8), get_preset("balanced"), get_preset("creative", order="vllm"),
-     SamplingConfig(temperature=0.5, min_p=0.2, top_p=0.9, order="llamacpp")],
+    [
+        SamplingConfig(),
+        SamplingConfig(top_p=0.8),
+        get_preset("balanced"),
+        get_preset("creative", order="vllm"),
+        SamplingConfig(temperature=0.5, min_p=0.2, top_p=0.9, order="llamacpp"),
+    ],
 )
 def test_samples_follow_distribution_chi_square(config):
     draws = 200_000
@@ -236,10 +248,14 @@ def test_chi_square_rejects_top_p_that_drops_the_crossing_token():
     config = SamplingConfig(top_p=0.8)
     broken = torch.softmax(dropping_crossing_token_top_p(STAT_LOGITS[None], 0.8), -1)
     draws = 200_000
-    broken_tokens = torch.multinomial(broken.expand(draws, -1), 1, replacement=True,
-                                      generator=torch.Generator().manual_seed(0)).squeeze(1)
+    broken_tokens = torch.multinomial(
+        broken.expand(draws, -1), 1, replacement=True, generator=torch.Generator().manual_seed(0)
+    ).squeeze(1)
     right = TokenSampler(config).distribution(STAT_LOGITS[None])[0]
-    assert _chi_square_p(broken_tokens, torch.softmax(dropping_crossing_token_top_p(STAT_LOGITS, 0.8), -1)) > 1e-3
+    assert (
+        _chi_square_p(broken_tokens, torch.softmax(dropping_crossing_token_top_p(STAT_LOGITS, 0.8), -1))
+        > 1e-3
+    )
     with pytest.raises(AssertionError, match="zero probability"):
         _chi_square_p(torch.multinomial(right.expand(draws, -1), 1, replacement=True).squeeze(1), broken[0])
     # and on the right support, the wrong sampler's frequencies are rejected outright
@@ -294,8 +310,15 @@ def test_row_seed_shape_is_checked():
 
 def test_penalties_follow_the_contract():
     logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
-    out = apply_penalties(logits, torch.tensor([[0, 1, 0, -1, 3]]), repetition_penalty=2.0, repetition_window=3,
-                          generated=torch.tensor([[3, 3, -5, 2]]), frequency_penalty=0.5, presence_penalty=0.25)
+    out = apply_penalties(
+        logits,
+        torch.tensor([[0, 1, 0, -1, 3]]),
+        repetition_penalty=2.0,
+        repetition_window=3,
+        generated=torch.tensor([[3, 3, -5, 2]]),
+        frequency_penalty=0.5,
+        presence_penalty=0.25,
+    )
     # window of 3 real tokens = [1, 0, 3]; counts over generated: {3: 2, 2: 1}
     assert out.tolist() == [[1.0, -2.0, 0.5 - 0.5 - 0.25, 1.5 - 1.0 - 0.25, 0.0]]
     assert logits.tolist() == [[2.0, -1.0, 0.5, 3.0, 0.0]], "input must not be modified"
@@ -318,25 +341,37 @@ def test_presets_have_the_guide_values():
         "precise": (0.3, 0.9, 20, 1.1, True),
         "deterministic": (0.0, 1.0, 0, 1.0, False),
     }
-    got = {n: (c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.do_sample) for n, c in PRESETS.items()}
+    got = {
+        n: (c.temperature, c.top_p, c.top_k, c.repetition_penalty, c.do_sample) for n, c in PRESETS.items()
+    }
     assert got == expected
     assert PRESETS["deterministic"].is_greedy and not PRESETS["precise"].is_greedy
     assert get_preset("balanced", seed=3).seed == 3
 
 
 def test_unknown_preset_lists_names():
-    with pytest.raises(ValueError, match="balanced.*creative.*deterministic.*precise"):
+    with pytest.raises(ValueError, match=r"balanced.*creative.*deterministic.*precise"):
         get_preset("wild")
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("temperature", -0.1, ">= 0"), ("temperature", float("nan"), "finite"), ("temperature", float("inf"), "finite"),
-        ("top_k", -1, ">= 0"), ("top_k", 1.5, "integer"), ("top_p", 0.0, r"\(0, 1\]"), ("top_p", 1.5, r"\(0, 1\]"),
-        ("min_p", -0.1, r"\[0, 1\]"), ("min_p", 1.1, r"\[0, 1\]"), ("repetition_penalty", 0.0, "> 0"),
-        ("repetition_window", 0, ">= 1"), ("order", "torch", "one of"), ("do_sample", "yes", "true or false"),
-        ("seed", 1.5, "integer"), ("frequency_penalty", "x", "number"),
+        ("temperature", -0.1, ">= 0"),
+        ("temperature", float("nan"), "finite"),
+        ("temperature", float("inf"), "finite"),
+        ("top_k", -1, ">= 0"),
+        ("top_k", 1.5, "integer"),
+        ("top_p", 0.0, r"\(0, 1\]"),
+        ("top_p", 1.5, r"\(0, 1\]"),
+        ("min_p", -0.1, r"\[0, 1\]"),
+        ("min_p", 1.1, r"\[0, 1\]"),
+        ("repetition_penalty", 0.0, "> 0"),
+        ("repetition_window", 0, ">= 1"),
+        ("order", "torch", "one of"),
+        ("do_sample", "yes", "true or false"),
+        ("seed", 1.5, "integer"),
+        ("frequency_penalty", "x", "number"),
     ],
 )
 def test_validation_names_field_and_range(field, value, message):
@@ -356,8 +391,14 @@ logit_rows = st.lists(st.floats(-20, 20, allow_nan=False).map(lambda x: round(x,
 
 
 @settings(max_examples=150, deadline=None)
-@given(logit_rows, st.floats(0.1, 2.0), st.integers(0, 10), st.floats(0.05, 1.0), st.floats(0.0, 0.9),
-       st.sampled_from(sorted(ORDERS)))
+@given(
+    logit_rows,
+    st.floats(0.1, 2.0),
+    st.integers(0, 10),
+    st.floats(0.05, 1.0),
+    st.floats(0.0, 0.9),
+    st.sampled_from(sorted(ORDERS)),
+)
 def test_probs_sum_to_one_and_match_reference(row, temperature, top_k, top_p, min_p, order):
     config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=order)
     probs = TokenSampler(config).distribution(torch.tensor([row]))[0]
@@ -389,3 +430,13 @@ def test_greedy_equals_argmax(row, penalty):
     token = TokenSampler(config).sample(logits, history).tokens.item()
     penalized = apply_penalties(logits, history, repetition_penalty=penalty)[0]
     assert token == int(np.argmax(penalized.numpy()))
+
+
+@pytest.mark.parametrize("vocab", [1000, 5003, 151_936])
+def test_chunked_top_candidates_equal_topk_even_with_ties(vocab):
+    logits = (torch.randn(3, vocab, generator=torch.Generator().manual_seed(vocab)) * 3).round()
+    for width in (1, 7, 64, 300):
+        values, ids = top_candidates(logits, width)
+        assert torch.equal(values, torch.topk(logits, width).values)
+        assert torch.equal(logits.gather(1, ids), values)
+        assert all(len(set(row.tolist())) == width for row in ids)

@@ -59,7 +59,11 @@ class AutoregressiveDecoder:
                 prefill_seconds = time.perf_counter() - start
             tick = time.perf_counter()
             out = sampler.sample(
-                logits, history[:, : width + step], row_seeds=seeds, step=step, generated=history[:, width : width + step]
+                logits,
+                history[:, : width + step],
+                row_seeds=seeds,
+                step=step,
+                generated=history[:, width : width + step],
             )
             sampler_seconds += time.perf_counter() - tick
             is_stop = torch.isin(out.tokens, stops) & ~finished
@@ -92,7 +96,9 @@ def _per_token_stats(steps: list[tuple[torch.Tensor, ...]]) -> dict[str, list[li
     """Turn per-step ``(kept_mask, model_logprob, entropy, num_kept)`` tensors into per-row lists."""
     if not steps:
         return {"model_logprobs": [], "entropies": [], "num_kept": []}
-    kept, model_logprobs, entropies, num_kept = (torch.stack(column, dim=1).cpu() for column in zip(*steps, strict=True))
+    kept, model_logprobs, entropies, num_kept = (
+        torch.stack(column, dim=1).cpu() for column in zip(*steps, strict=True)
+    )
     rows = range(kept.shape[0])
     return {
         "model_logprobs": [model_logprobs[r][kept[r]].tolist() for r in rows],
