@@ -1,0 +1,1 @@
+"""Config-driven experiments on LLM token sampling and speculative decoding."""
