@@ -1,0 +1,174 @@
+"""Typed schemas of the Hydra config, the config directory and the output root.
+
+The dataclasses are registered in Hydra's ConfigStore so a misspelled key or a value of the wrong type
+fails when the config is composed, before any model loads. They check types only: value ranges are
+checked by the objects the app builds from them (`sampling.SamplingConfig`, the model registry, the
+decoder factory), so each rule lives in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
+from omegaconf import MISSING, OmegaConf
+
+OUTPUT_DIR_ENV = "RTDLM_OUTPUT_DIR"
+"""Environment variable that overrides where runs, multiruns and the MLflow store are written."""
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """A config value the app cannot run with; the message names the field and what it must be.
+
+    Subclassing `CompactHydraException` makes Hydra print just the message, not a traceback.
+    """
+
+
+def config_dir() -> Path:
+    """The directory holding ``config.yaml`` and the config groups.
+
+    An installed wheel carries the configs inside the package (``rtdlm_experiments/conf``); a source
+    checkout keeps them at the top level (``<repo>/conf``), which is the source of truth.
+    """
+    for candidate in (_PACKAGE_DIR / "conf", _PACKAGE_DIR.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"no conf/config.yaml next to or inside {_PACKAGE_DIR}")
+
+
+def output_root() -> Path:
+    """Where runs, multiruns and the embedded MLflow store go: ``$RTDLM_OUTPUT_DIR`` if set, else the
+    ``outputs/`` folder of the source checkout this package runs from, else ``<cwd>/outputs``.
+
+    Anchoring at the checkout keeps one results folder and one MLflow database per project, whatever
+    directory the command is started from.
+    """
+    if env_dir := os.environ.get(OUTPUT_DIR_ENV):
+        return Path(env_dir).expanduser().resolve()
+    checkout = _PACKAGE_DIR.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "conf" / "config.yaml").is_file():
+        return checkout / "outputs"
+    return Path.cwd().resolve() / "outputs"
+
+
+@dataclass
+class SamplingSchema:
+    """A preset of `sampling.PRESETS` plus per-field overrides; ``null`` keeps the preset's value.
+
+    ``repetition_window: null`` therefore means the preset's window (every preset uses the whole
+    context). The job's ``seed`` seeds the sampler, so there is no seed here.
+    """
+
+    preset: str = "balanced"
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    repetition_window: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    do_sample: bool | None = None
+    order: str | None = None
+
+
+@dataclass
+class DecoderSchema:
+    """Which decoder generates the tokens; each decoder's yaml extends one of the subclasses below."""
+
+    name: str = MISSING
+
+
+@dataclass
+class AutoregressiveSchema(DecoderSchema):
+    name: str = "autoregressive"
+
+
+@dataclass
+class SpeculativeSchema(DecoderSchema):
+    name: str = "speculative"
+    draft_model: str = MISSING
+    """Name of a config in the ``model`` group; it must share the target's tokenizer."""
+    num_draft_tokens: int = MISSING
+    adaptive: bool = MISSING
+
+
+@dataclass
+class SelfSpeculativeSchema(DecoderSchema):
+    name: str = "self_speculative"
+    exit_layer: int = MISSING
+    num_draft_tokens: int = MISSING
+
+
+@dataclass
+class PromptLookupSchema(DecoderSchema):
+    name: str = "prompt_lookup"
+    max_ngram: int = MISSING
+    num_draft_tokens: int = MISSING
+
+
+@dataclass
+class PromptsSchema:
+    """``name``: a prompt set bundled with the package, or ``file`` to read ``path`` (.txt or .jsonl)."""
+
+    name: str = "default"
+    path: str | None = None
+    limit: int | None = None
+    """Use only the first ``limit`` prompts (quick runs, tests)."""
+    chat_template: bool = True
+    """Wrap each prompt as a user turn with the tokenizer's chat template, when it has one."""
+
+
+@dataclass
+class TrackingSchema:
+    """``backend``: ``mlflow`` or ``none``. ``uri``: an MLflow tracking URI; ``null`` means
+    ``$MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store under the output root."""
+
+    backend: str = "mlflow"
+    uri: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    """The whole composed config of one job."""
+
+    model: dict[str, Any] = field(default_factory=dict)
+    """Free-form on purpose: `rtdlm_experiments.models.validate_model_config` owns its keys."""
+    sampling: SamplingSchema = field(default_factory=SamplingSchema)
+    decoder: DecoderSchema = MISSING
+    prompts: PromptsSchema = field(default_factory=PromptsSchema)
+    tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    seed: int = 0
+    max_new_tokens: int = 32
+    num_samples: int = 1
+    """Samples per prompt."""
+    batch_size: int = 8
+    experiment_name: str = "rtdlm-experiments"
+
+
+DECODER_SCHEMAS: dict[str, type[DecoderSchema]] = {
+    "autoregressive": AutoregressiveSchema,
+    "speculative": SpeculativeSchema,
+    "self_speculative": SelfSpeculativeSchema,
+    "prompt_lookup": PromptLookupSchema,
+}
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra (``config.yaml`` and each decoder yaml extend them) and the
+    ``rtdlm.output_root`` resolver. Safe to call more than once."""
+    store = ConfigStore.instance()
+    store.store(name="experiment_schema", node=ExperimentConfig)
+    for name, schema in DECODER_SCHEMAS.items():
+        store.store(group="decoder", name=f"{name}_schema", node=schema)
+    if not OmegaConf.has_resolver("rtdlm.output_root"):
+        OmegaConf.register_new_resolver("rtdlm.output_root", lambda: str(output_root()))
+
+
+register_configs()
