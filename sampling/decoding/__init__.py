@@ -2,5 +2,19 @@
 
 from sampling.decoding.autoregressive import AutoregressiveDecoder
 from sampling.decoding.base import CausalLM, Decoder, GenerationOutput
+from sampling.decoding.draft_verify import DraftVerifyDecoder, verify_drafts
+from sampling.decoding.prompt_lookup import PromptLookupDecoder
+from sampling.decoding.self_speculative import SelfSpeculativeDecoder
+from sampling.decoding.speculative import SpeculativeDecoder
 
-__all__ = ["AutoregressiveDecoder", "CausalLM", "Decoder", "GenerationOutput"]
+__all__ = [
+    "AutoregressiveDecoder",
+    "CausalLM",
+    "Decoder",
+    "DraftVerifyDecoder",
+    "GenerationOutput",
+    "PromptLookupDecoder",
+    "SelfSpeculativeDecoder",
+    "SpeculativeDecoder",
+    "verify_drafts",
+]

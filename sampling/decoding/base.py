@@ -45,17 +45,20 @@ class CausalLM(Protocol):
         ...
 
     def forward_early_exit(
-        self, input_ids: torch.Tensor, cache: Any, exit_layer: int
+        self, input_ids: torch.Tensor, cache: Any, exit_layer: int, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run layers ``[0, exit_layer)`` + final norm + LM head (batch 1, no padding).
+        """Run layers ``[0, exit_layer)`` + final norm + LM head.
 
-        Returns ``(logits [1, T, V], hidden [1, T, H])`` where ``hidden`` is the residual stream
-        entering layer ``exit_layer``. Only the first ``exit_layer`` layers' cache grows.
+        Returns ``(logits [B, T, V], hidden [B, T, H])`` where ``hidden`` is the residual stream
+        entering layer ``exit_layer``. Only the first ``exit_layer`` layers' cache grows; the mask covers
+        those layers' cached positions plus the new ones.
         """
         ...
 
-    def forward_from_layer(self, hidden: torch.Tensor, cache: Any, start_layer: int) -> torch.Tensor:
-        """Run layers ``[start_layer, L)`` + norm + head on ``hidden`` (batch 1); returns logits [1, T, V]."""
+    def forward_from_layer(
+        self, hidden: torch.Tensor, cache: Any, start_layer: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Run layers ``[start_layer, L)`` + norm + head on ``hidden``; returns logits [B, T, V]."""
         ...
 
     def cache_length(self, cache: Any) -> int:

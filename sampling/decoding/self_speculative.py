@@ -1,0 +1,69 @@
+"""Self-speculative decoding: the target's own first E layers draft, the full stack verifies."""
+
+from __future__ import annotations
+
+import torch
+
+from sampling.decoding.base import CausalLM
+from sampling.decoding.draft_verify import Drafts, DraftVerifyDecoder, RoundState, sample_from_probs
+
+
+class SelfSpeculativeDecoder(DraftVerifyDecoder):
+    """Early-exit drafting (LayerSkip-style) with a shared KV cache.
+
+    Drafting runs layers [0, E) + final norm + LM head and fills those layers' cache; verification
+    finishes the drafted positions from their saved layer-E hidden states through layers [E, L), so the
+    first E layers are never recomputed. The acceptance rule is the usual one, so output is lossless.
+    """
+
+    def __init__(
+        self,
+        exit_layer: int,
+        num_draft_tokens: int = 4,
+        adaptive: bool = False,
+        keep_stop_token: bool = False,
+        truncate_prompts: bool = False,
+    ) -> None:
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        if exit_layer < 1:
+            raise ValueError(f"exit_layer={exit_layer} is invalid: must be >= 1")
+        self.exit_layer = exit_layer
+        self._hidden: list[torch.Tensor] = []
+
+    def start(self, target: CausalLM, state: RoundState) -> None:
+        if self.exit_layer >= target.num_layers:
+            raise ValueError(
+                f"exit_layer={self.exit_layer} is invalid for a {target.num_layers}-layer model: "
+                f"must be in [1, {target.num_layers - 1}]"
+            )
+
+    def propose(self, target: CausalLM, state: RoundState, gamma: int) -> Drafts:
+        batch = state.tokens.shape[0]
+        mask = state.attention_mask
+        inputs = state.tokens[:, -1:]
+        drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
+        probs, self._hidden = [], []
+        for i in range(gamma):
+            logits, hidden = target.forward_early_exit(
+                inputs.clamp(min=0), state.target_cache, self.exit_layer, mask
+            )
+            state.draft_forwards += 1
+            self._hidden.append(hidden)
+            history = torch.cat([state.tokens, drafts[:, :i]], dim=1)
+            q = state.sampler.distribution(logits[:, -1], history, generated=history[:, state.prompt_width :])
+            drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
+            probs.append(q)
+            inputs = drafts[:, i : i + 1]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
+        return Drafts(drafts, torch.stack(probs, dim=1), lengths)
+
+    def score(self, target: CausalLM, state: RoundState, drafts: Drafts) -> torch.Tensor:
+        if drafts.tokens.shape[1] == 0:
+            return super().score(target, state, drafts)
+        mask = torch.cat([state.attention_mask, torch.ones_like(drafts.tokens)], dim=1)
+        _, last_hidden = target.forward_early_exit(
+            drafts.tokens[:, -1:], state.target_cache, self.exit_layer, mask
+        )
+        hidden = torch.cat([*self._hidden, last_hidden], dim=1)
+        return target.forward_from_layer(hidden, state.target_cache, self.exit_layer, mask)

@@ -1,0 +1,68 @@
+"""Speculative sampling with a separate, smaller draft model sharing the target's tokenizer."""
+
+from __future__ import annotations
+
+import torch
+
+from sampling.decoding.base import CausalLM
+from sampling.decoding.draft_verify import Drafts, DraftVerifyDecoder, RoundState, sample_from_probs
+
+
+class SpeculativeDecoder(DraftVerifyDecoder):
+    """Drafts γ tokens from ``draft_model``'s sampling distribution q (same config, same history as
+    the target), verified against the target's p. Lossless: the output is distributed as autoregressive
+    sampling from the target. ``adaptive`` grows γ by 2 after a round where every draft passed and
+    shrinks it by 1 otherwise (HF's heuristic)."""
+
+    def __init__(
+        self,
+        draft_model: CausalLM,
+        num_draft_tokens: int = 4,
+        adaptive: bool = False,
+        keep_stop_token: bool = False,
+        truncate_prompts: bool = False,
+    ) -> None:
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        self.draft_model = draft_model
+        self._cache = None
+        self._cached = 0
+
+    def start(self, target: CausalLM, state: RoundState) -> None:
+        if self.draft_model.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"draft vocab ({self.draft_model.vocab_size}) differs from the target's ({target.vocab_size}): "
+                "speculative decoding needs a draft with the target's tokenizer"
+            )
+        self._cache = self.draft_model.new_cache()
+        self._cached = 0
+        if state.width > 1:
+            self._forward(state.tokens[:, :-1], state.attention_mask[:, :-1])
+
+    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.draft_model.forward(inputs.clamp(min=0), self._cache, mask)
+        self._cached = mask.shape[1]
+        return logits[:, -1]
+
+    def propose(self, target: CausalLM, state: RoundState, gamma: int) -> Drafts:
+        batch = state.tokens.shape[0]
+        mask = state.attention_mask
+        logits = self._forward(state.tokens[:, self._cached :], mask)
+        state.draft_forwards += 1
+        drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
+        probs = []
+        for i in range(gamma):
+            history = torch.cat([state.tokens, drafts[:, :i]], dim=1)
+            q = state.sampler.distribution(logits, history, generated=history[:, state.prompt_width :])
+            drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
+            probs.append(q)
+            if i + 1 < gamma:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self._forward(drafts[:, i : i + 1], mask)
+                state.draft_forwards += 1
+        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
+        return Drafts(drafts, torch.stack(probs, dim=1), lengths)
+
+    def rollback(self, target: CausalLM, state: RoundState, keep: int) -> None:
+        if self._cached > keep:
+            self.draft_model.crop_cache(self._cache, keep)
+            self._cached = keep

@@ -1,0 +1,245 @@
+"""Speculative decoders are lossless: exact-distribution tests against enumerated AR probabilities."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import sampling.decoding.draft_verify as draft_verify
+from rtdlm_experiments.models import HFCausalLM, build_tiny_random
+from sampling import SamplingConfig, TokenSampler, get_preset
+from sampling.decoding import (
+    AutoregressiveDecoder,
+    PromptLookupDecoder,
+    SelfSpeculativeDecoder,
+    SpeculativeDecoder,
+    verify_drafts,
+)
+from sampling.decoding.draft_verify import Drafts, predicted_speedup
+from sampling.decoding.prompt_lookup import lookup_draft
+
+VOCAB = 16
+PROMPT = [3, 7, 3, 9]
+DRAWS = 20_000
+LENGTH = 3
+
+
+@pytest.fixture(scope="module")
+def target() -> HFCausalLM:
+    return HFCausalLM(
+        build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1), eos_token_ids=()
+    )
+
+
+@pytest.fixture(scope="module")
+def draft(target) -> HFCausalLM:
+    """The target with a perturbed LM head: close enough to accept often, different enough to reject."""
+    model = copy.deepcopy(target.model)
+    with torch.no_grad():
+        model.lm_head.weight.add_(
+            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2))
+        )
+    return HFCausalLM(model, eos_token_ids=())
+
+
+@pytest.fixture(scope="module")
+def prompt(target) -> list[int]:
+    """A prompt that repeats itself after the target's greedy continuation, so n-gram lookup drafts
+    tokens the target likes (a prompt-lookup test that never accepts would prove nothing)."""
+    base = [3, 7]
+    greedy = AutoregressiveDecoder().generate(target, [base], get_preset("deterministic"), 4).token_ids[0]
+    return base + greedy + base
+
+
+def exact_joint(
+    model: HFCausalLM, config: SamplingConfig, length: int, prompt: list[int] = PROMPT
+) -> dict[tuple[int, ...], float]:
+    """P(continuation) under autoregressive sampling, by enumerating every prefix (no cache)."""
+    sampler = TokenSampler(config)
+    joint = {(): 1.0}
+    for _ in range(length):
+        prefixes = list(joint)
+        ids = torch.tensor([prompt + list(p) for p in prefixes])
+        logits = model.forward(ids, model.new_cache())[:, -1]
+        generated = ids[:, len(prompt) :]
+        probs = sampler.distribution(logits, ids, generated=generated).double().numpy()
+        joint = {
+            p + (t,): joint[p] * probs[i, t]
+            for i, p in enumerate(prefixes)
+            for t in range(VOCAB)
+            if probs[i, t] > 0
+        }
+    return joint
+
+
+def joint_p_value(samples: list[list[int]], joint: dict[tuple[int, ...], float]) -> float:
+    counts: dict[tuple[int, ...], int] = {}
+    for s in samples:
+        counts[tuple(s)] = counts.get(tuple(s), 0) + 1
+    assert set(counts) <= set(joint), "a continuation with zero probability was produced"
+    cells = sorted(joint, key=joint.get, reverse=True)
+    expected = np.array([joint[c] for c in cells]) * len(samples)
+    observed = np.array([counts.get(c, 0) for c in cells], dtype=float)
+    big = expected >= 5  # pool rare cells so the chi-square approximation holds
+    if not big.all():
+        expected = np.append(expected[big], expected[~big].sum())
+        observed = np.append(observed[big], observed[~big].sum())
+    expected *= observed.sum() / expected.sum()
+    return float(chisquare(observed, expected).pvalue)
+
+
+CONFIGS = {
+    "plain": SamplingConfig(),
+    "top-k/top-p": SamplingConfig(temperature=0.8, top_k=6, top_p=0.85),
+    "repetition": SamplingConfig(temperature=1.1, repetition_penalty=1.8, presence_penalty=0.3),
+}
+
+
+def decoders(draft: HFCausalLM, gamma: int = 2) -> dict[str, object]:
+    return {
+        "speculative": SpeculativeDecoder(draft, num_draft_tokens=gamma),
+        "self_speculative": SelfSpeculativeDecoder(exit_layer=1, num_draft_tokens=gamma),
+        "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=gamma),
+    }
+
+
+@pytest.mark.parametrize("config_name", sorted(CONFIGS))
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_lossless_joint_distribution(target, draft, prompt, decoder_name, config_name):
+    config = CONFIGS[config_name]
+    decoder = decoders(draft)[decoder_name]
+    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH, row_seeds=range(DRAWS))
+    assert all(len(t) == LENGTH for t in out.token_ids)
+    assert out.stats["accepted_tokens"] > 0, "the test must exercise acceptances"
+    assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"], "and rejections"
+    assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH, prompt)) > 1e-3
+
+
+def resample_from_target_on_rejection(target_probs, drafts, seeds, first_step):
+    """The original module's rule: on rejection draw from p instead of norm(max(0, p − q))."""
+    verdict = verify_drafts(target_probs, drafts, seeds, first_step)
+    rows = torch.arange(len(seeds))
+    p_next = target_probs[rows, verdict.accepted]
+    rejected = verdict.accepted < drafts.lengths
+    keys = draft_verify.noise.row_keys(seeds, first_step + verdict.accepted + 1000, 9)
+    from_p = draft_verify.noise.race_argmax(torch.log(p_next), keys)
+    return draft_verify.Verdict(
+        verdict.accepted, torch.where(rejected, from_p, verdict.next_token), verdict.overlap
+    )
+
+
+@pytest.mark.parametrize("decoder_name", ["speculative", "prompt_lookup"])
+def test_the_same_test_rejects_resampling_from_the_target(target, draft, prompt, monkeypatch, decoder_name):
+    config = CONFIGS["plain"]
+    monkeypatch.setattr(draft_verify, "verify_drafts", resample_from_target_on_rejection)
+    out = decoders(draft)[decoder_name].generate(
+        target, [prompt] * DRAWS, config, LENGTH, row_seeds=range(DRAWS)
+    )
+    assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH, prompt)) < 1e-3
+
+
+def test_first_token_frequencies_on_the_guide_example():
+    """Target [0.1, 0.2, 0.7], draft uniform: the broken rule gave [0.17, 0.29, 0.54]; ours gives p."""
+    n = 200_000
+    p = torch.tensor([0.1, 0.2, 0.7]).expand(n, 1, 3).contiguous()
+    p = torch.cat([p, p], dim=1)
+    q = torch.full((n, 1, 3), 1 / 3)
+    seeds = torch.arange(n)
+    tokens = draft_verify.sample_from_probs(q[:, 0], seeds, torch.zeros(n, dtype=torch.long))
+    verdict = verify_drafts(
+        p,
+        Drafts(tokens.unsqueeze(1), q, torch.ones(n, dtype=torch.long)),
+        seeds,
+        torch.zeros(n, dtype=torch.long),
+    )
+    first = torch.where(verdict.accepted > 0, tokens, verdict.next_token)
+    freq = torch.bincount(first, minlength=3).double() / n
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64), atol=0.004)
+    assert verdict.overlap[:, 0].mean().item() == pytest.approx(0.1 + 0.2 + 1 / 3)
+
+
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_greedy_equals_greedy_autoregressive(decoder_name):
+    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1))
+    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2))
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
+    greedy = get_preset("deterministic", repetition_penalty=1.3)
+    for gamma in (1, 3, 5):
+        decoder = {**decoders(draft, gamma), "speculative": SpeculativeDecoder(draft, gamma, adaptive=True)}[
+            decoder_name
+        ]
+        for max_new in (1, 7, 20):
+            want = AutoregressiveDecoder().generate(target, prompts, greedy, max_new)
+            stop = want.token_ids[1][min(4, len(want.token_ids[1]) - 1)]
+            want_stopped = AutoregressiveDecoder().generate(target, prompts, greedy, max_new, stop_ids=[stop])
+            got = decoder.generate(target, prompts, greedy, max_new)
+            assert got.token_ids == want.token_ids
+            got_stopped = decoder.generate(target, prompts, greedy, max_new, stop_ids=[stop])
+            assert got_stopped.token_ids == want_stopped.token_ids
+            assert got_stopped.finished_by_stop == want_stopped.finished_by_stop
+            for row, tokens in enumerate(got.token_ids):
+                assert got.model_logprobs[row] == pytest.approx(want.model_logprobs[row], abs=1e-4)
+                assert len(got.entropies[row]) == len(tokens)
+
+
+def test_cache_rollback_matches_a_fresh_forward(target):
+    cache = target.new_cache()
+    prefix = torch.tensor([PROMPT + [1, 2]])
+    target.forward(prefix, cache)
+    target.forward(torch.tensor([[5, 6, 7]]), cache)  # drafts, then rejected
+    target.crop_cache(cache, prefix.shape[1])
+    after_rollback = target.forward(torch.tensor([[8]]), cache)[0, -1]
+    fresh = target.forward(torch.cat([prefix, torch.tensor([[8]])], dim=1), target.new_cache())[0, -1]
+    assert torch.allclose(after_rollback, fresh, atol=1e-5)
+
+
+def test_accounting_is_consistent(target, draft):
+    out = SpeculativeDecoder(draft, num_draft_tokens=3).generate(
+        target, [PROMPT] * 4, get_preset("balanced", seed=1), 16
+    )
+    stats = out.stats
+    assert 0 <= stats["acceptance_rate"] <= 1 and 0 <= stats["analytic_acceptance"] <= 1
+    assert stats["accepted_tokens"] <= stats["drafted_tokens"]
+    assert 1 <= stats["tokens_per_target_forward"] <= 4
+    assert stats["cost_ratio"] > 0 and out.draft_forwards > 0
+    assert stats["acceptance_rate_pos1"] >= 0
+    assert sum(map(len, out.token_ids)) == 64
+
+
+def test_predicted_speedup_formula():
+    assert predicted_speedup(0.0, 4, 0.0) == pytest.approx(1.0)
+    assert predicted_speedup(1.0, 4, 0.0) == pytest.approx(5.0)
+    assert predicted_speedup(0.8, 4, 0.1) == pytest.approx((1 - 0.8**5) / (0.2 * 1.4))
+
+
+def test_lookup_draft():
+    assert lookup_draft([1, 2, 3, 4, 9, 1, 2, 3], 3, 2) == [4, 9]
+    assert lookup_draft([1, 2, 3], 3, 2) == []
+    assert lookup_draft([5, 1, 7, 1], 2, 3) == [7, 1]
+    assert lookup_draft([4], 3, 2) == []
+
+
+def test_self_speculative_rejects_bad_exit_layer(target):
+    with pytest.raises(ValueError, match="exit_layer=3 is invalid for a 3-layer model"):
+        SelfSpeculativeDecoder(exit_layer=3).generate(target, [PROMPT], SamplingConfig(), 4)
+
+
+def test_draft_with_another_vocabulary_is_refused(target):
+    other = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=VOCAB + 1, seed=3))
+    with pytest.raises(ValueError, match="target's tokenizer"):
+        SpeculativeDecoder(other).generate(target, [PROMPT], SamplingConfig(), 4)
+
+
+def test_enumeration_matches_autoregressive_sampling(target):
+    """Sanity check of the reference itself: AR draws follow the enumerated joint."""
+    config = CONFIGS["top-k/top-p"]
+    out = AutoregressiveDecoder().generate(target, [PROMPT] * DRAWS, config, LENGTH, row_seeds=range(DRAWS))
+    joint = exact_joint(target, config, LENGTH)
+    assert sum(joint.values()) == pytest.approx(1.0)
+    assert joint_p_value(out.token_ids, joint) > 1e-3
+    assert len(list(itertools.islice(joint, 3))) == 3
