@@ -30,8 +30,8 @@ class SpeculativeDecoder(DraftVerifyDecoder):
     def start(self, target: CausalLM, state: RoundState) -> None:
         if self.draft_model.vocab_size != target.vocab_size:
             raise ValueError(
-                f"draft vocab ({self.draft_model.vocab_size}) differs from the target's ({target.vocab_size}): "
-                "speculative decoding needs a draft with the target's tokenizer"
+                f"draft vocab ({self.draft_model.vocab_size}) differs from the target's "
+                f"({target.vocab_size}): speculative decoding needs a draft with the target's tokenizer"
             )
         self._cache = self.draft_model.new_cache()
         self._cached = 0
