@@ -82,15 +82,17 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+def top_k_filter(logits: torch.Tensor, k: int, sorted_desc: bool = False) -> torch.Tensor:
     """Keep every token whose logit ≥ the k-th largest logit of its row (boundary ties are kept).
+
+    ``sorted_desc`` promises each row is already sorted descending (candidate sets are), saving a top-k.
 
     >>> top_k_filter(torch.tensor([[3.0, 1.0, 2.0, 2.0]]), 2)
     tensor([[3., -inf, 2., 2.]])
     """
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    kth = logits[..., k - 1 : k] if sorted_desc else torch.topk(logits, k, dim=-1).values[..., -1:]
     return logits.masked_fill(logits < kth, NEG_INF)
 
 
@@ -106,13 +108,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(torch.exp(logits - top) < min_p, NEG_INF)
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float, log_total: torch.Tensor | None = None) -> torch.Tensor:
+def top_p_filter(
+    logits: torch.Tensor, top_p: float, log_total: torch.Tensor | None = None, sorted_desc: bool = False
+) -> torch.Tensor:
     """Keep token i iff the probability mass strictly above it is < ``top_p`` (nucleus sampling).
 
     The token that crosses ``top_p`` is kept and equal-probability tokens share a fate, so at least one
     token always survives. ``log_total`` ([B]) is the log-normalizer of the full distribution when
     ``logits`` hold only a candidate subset of it; by default it is ``logsumexp(logits)``.
     The mass is accumulated in float64 so the boundary agrees with an exact computation.
+    ``sorted_desc`` promises rows already sorted descending, saving the sort.
 
     >>> top_p_filter(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.6).exp()
     tensor([[0.5000, 0.3000, 0.0000]])
@@ -122,7 +127,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float, log_total: torch.Tensor | N
     values = logits.double()
     if log_total is None:
         log_total = torch.logsumexp(values, dim=-1)
-    sorted_values = torch.sort(values, dim=-1, descending=True).values
+    sorted_values = values if sorted_desc else torch.sort(values, dim=-1, descending=True).values
     probs = torch.exp(sorted_values - log_total.double().unsqueeze(-1))
     mass_before = torch.cumsum(probs, dim=-1) - probs
     # A tie group's fate is decided by the mass strictly above it: the exclusive sum at its first member.

@@ -23,7 +23,7 @@ from sampling.config import SamplingConfig
 from sampling.processors import FILTERS, NEG_INF, apply_penalties, min_p_filter, top_k_filter, top_p_filter
 
 _FIRST_CANDIDATES = 64
-_GROWTH = 8
+_GROWTH = 16
 _CHUNK = 64
 
 
@@ -166,7 +166,8 @@ class TokenSampler:
             ids[done, :width] = cand_ids[decided]
             final[done, :width] = row_final[decided]
             pending = pending[~decided]
-            width = min(vocab, width * _GROWTH)
+            width = width * _GROWTH
+            width = vocab if width * 4 > vocab else width  # a huge top-k costs as much as a sort
         return Candidates(ids, final)
 
     def _run_stages(
@@ -185,11 +186,13 @@ class TokenSampler:
             if stage == "temperature":
                 values = values / config.temperature
             elif stage == "top_k":
-                values = top_k_filter(values, config.top_k)
+                values = top_k_filter(values, config.top_k, sorted_desc=True)
             elif stage == "min_p":
                 values = min_p_filter(values, config.min_p)
             elif stage == "top_p":
-                values = top_p_filter(values, config.top_p, None if first_filter_done else log_total)
+                values = top_p_filter(
+                    values, config.top_p, None if first_filter_done else log_total, sorted_desc=True
+                )
             if stage in FILTERS and not first_filter_done:
                 first_filter_done = True
                 decided = torch.isinf(values[:, -1])
@@ -269,9 +272,29 @@ def _last_position(logits: torch.Tensor) -> torch.Tensor:
     return logits.float()
 
 
-def _greedy(penalized: torch.Tensor) -> torch.Tensor:
-    """Argmax with ties to the lowest token id (torch.argmax returns the first maximum)."""
-    return torch.argmax(penalized, dim=1)
+def _greedy(penalized: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
+    """Argmax with ties to the lowest token id.
+
+    torch's argmax is a slow scalar loop on CPU while ``amax`` is vectorized, so we take chunk maxima,
+    pick the first chunk holding the row maximum, and search only inside it.
+    """
+    batch, vocab = penalized.shape
+    num_chunks = vocab // chunk
+    if num_chunks < 2:
+        return torch.argmax(penalized, dim=1)
+    chunked = penalized[:, : num_chunks * chunk].view(batch, num_chunks, chunk)
+    chunk_max = chunked.amax(dim=2)
+    if vocab > num_chunks * chunk:  # ragged tail as one more chunk
+        chunk_max = torch.cat(
+            [chunk_max, penalized[:, num_chunks * chunk :].amax(dim=1, keepdim=True)], dim=1
+        )
+    best = chunk_max.amax(dim=1, keepdim=True)
+    first_chunk = (chunk_max == best).to(torch.uint8).argmax(dim=1)
+    starts = first_chunk * chunk
+    window = penalized.gather(
+        1, (starts.unsqueeze(1) + torch.arange(chunk, device=penalized.device)).clamp(max=vocab - 1)
+    )
+    return starts + (window == best).to(torch.uint8).argmax(dim=1)
 
 
 def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:

@@ -440,3 +440,15 @@ def test_chunked_top_candidates_equal_topk_even_with_ties(vocab):
         assert torch.equal(values, torch.topk(logits, width).values)
         assert torch.equal(logits.gather(1, ids), values)
         assert all(len(set(row.tolist())) == width for row in ids)
+
+
+@pytest.mark.parametrize("vocab", [130, 5003, 151_936])
+def test_chunked_greedy_matches_argmax_with_ties(vocab):
+    logits = (torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab)) * 2).round()
+    logits[0, -1] = 99.0  # maximum in the ragged tail
+    logits[1, [70, 7, vocab - 2]] = 50.0  # tied maxima across chunks: the lowest id wins
+    logits[2] = float("-inf")
+    logits[2, [vocab // 2, vocab - 1]] = float("inf")
+    tokens = TokenSampler(SamplingConfig(do_sample=False)).sample(logits).tokens
+    assert torch.equal(tokens, torch.argmax(logits, dim=1))
+    assert tokens[1].item() == 7
