@@ -312,13 +312,21 @@ def generate_rows(
 def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
     """Concatenate the per-row lists of several batches and add up their timings and counters.
 
-    Decoder ``stats`` are ratios (acceptance rate, tokens per forward...) that cannot be added; they are
-    averaged over batches weighted by each batch's generated tokens.
+    Decoder ``stats`` keys ending in ``_tokens`` or ``_seconds`` are totals and are added; every other
+    key is a rate (acceptance rate, tokens per forward...) and is averaged over the batches weighted by
+    their generated tokens, which is exact when the rate is per generated token and close otherwise.
     """
     if len(outputs) == 1:
         return outputs[0]
     tokens = [output.num_new_tokens for output in outputs]
     total_tokens = sum(tokens) or 1
+
+    def merged_stat(key: str) -> float:
+        values = [output.stats[key] for output in outputs]
+        if key.endswith(("_tokens", "_seconds")):
+            return sum(values)
+        return sum(value * n for value, n in zip(values, tokens, strict=True)) / total_tokens
+
     stat_keys = set.intersection(*(set(output.stats) for output in outputs))
     return GenerationOutput(
         token_ids=[ids for output in outputs for ids in output.token_ids],
@@ -332,10 +340,7 @@ def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
         sampler_calls=sum(output.sampler_calls for output in outputs),
         target_forwards=sum(output.target_forwards for output in outputs),
         draft_forwards=sum(output.draft_forwards for output in outputs),
-        stats={
-            key: sum(output.stats[key] * n for output, n in zip(outputs, tokens, strict=True)) / total_tokens
-            for key in sorted(stat_keys)
-        },
+        stats={key: merged_stat(key) for key in sorted(stat_keys)},
     )
 
 

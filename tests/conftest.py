@@ -1,0 +1,81 @@
+"""Shared fixtures: running the Hydra app as a user does (a subprocess in a scratch directory, outputs
+and the MLflow store redirected there) on a job small enough to take a second."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+AppLauncher = Callable[..., subprocess.CompletedProcess]
+
+
+def app_env(output_dir: Path, **extra: str) -> dict[str, str]:
+    """The environment of an app subprocess: this checkout importable, outputs under ``output_dir``,
+    no inherited tracking URI or Hydra full-error mode (both change what the tests observe)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MLFLOW_TRACKING_URI", "HYDRA_FULL_ERROR")
+    }
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["RTDLM_OUTPUT_DIR"] = str(output_dir)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env | extra
+
+
+@pytest.fixture(scope="session")
+def launch_app() -> AppLauncher:
+    """``launch_app(args, cwd, output_dir, **env)``: ``python -m rtdlm_experiments *args`` run from ``cwd``
+    with outputs (and the default MLflow store) in ``output_dir``; output captured as text."""
+
+    def launch(
+        args: Sequence[str], cwd: Path, output_dir: Path, timeout: float = 180, **env: str
+    ) -> subprocess.CompletedProcess:
+        cwd.mkdir(parents=True, exist_ok=True)
+        return subprocess.run(
+            [sys.executable, "-m", "rtdlm_experiments", *args],
+            cwd=cwd,
+            env=app_env(output_dir, **env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return launch
+
+
+@pytest.fixture
+def run_cli(launch_app: AppLauncher, tmp_path: Path) -> AppLauncher:
+    """``run_cli(*args, **env)``: the app run from a scratch directory, outputs in ``tmp_path/outputs``."""
+
+    def run(*args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+        return launch_app(args, tmp_path / "cwd", tmp_path / "outputs", timeout=timeout, **env)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two short prompts, one per line."""
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("Once upon a time\n\ndef add(a, b):\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_job(prompt_file: Path) -> tuple[str, ...]:
+    """Overrides that make a job take about a second: the 2-layer random model, two prompts, 4 tokens."""
+    return (
+        "model=tiny-random",
+        "prompts=file",
+        f"prompts.path={prompt_file}",
+        "prompts.chat_template=false",
+        "max_new_tokens=4",
+    )
