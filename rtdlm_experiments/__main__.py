@@ -10,6 +10,7 @@ python -m rtdlm_experiments --cfg job                         # print the compos
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,25 +55,28 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 def job_meta(hydra_cfg: DictConfig) -> app.JobMeta:
-    """This job's place in its run or sweep. Its run name is its overrides minus those every job of the
-    sweep shares (``sampling=creative``, not ``sampling=creative model=tiny-random``)."""
-    import time
-
+    """This job's place in its run or sweep. In a sweep its run name is its value of each swept key
+    (``sampling=creative``, not ``sampling=creative model=tiny-random``); else all its overrides."""
     overrides = list(hydra_cfg.overrides.task)
     sweep_dir = None
-    shared: list[str] = []
+    name_parts = overrides
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
-        shared = (tracking.read_sweep_info(sweep_dir) or {}).get("static_overrides", [])
-    distinctive = [override for override in overrides if override not in shared]
+        if swept := (tracking.read_sweep_info(sweep_dir) or {}).get("swept_keys"):
+            name_parts = [override for override in overrides if _override_key(override) in swept]
     return app.JobMeta(
-        run_name=" ".join(distinctive) or "default",
+        run_name=" ".join(name_parts) or "default",
         overrides=overrides,
         num=int(hydra_cfg.job.get("num") or 0),
         output_dir=str(Path(hydra_cfg.runtime.output_dir).resolve()),
         sweep_dir=str(sweep_dir) if sweep_dir else None,
         started_at_ms=int(time.time() * 1000),
     )
+
+
+def _override_key(override: str) -> str:
+    """``+sampling.top_p=0.9`` → ``sampling.top_p`` (Hydra hands jobs their overrides as ``key=value``)."""
+    return override.split("=", 1)[0].lstrip("+~")
 
 
 def format_summary(

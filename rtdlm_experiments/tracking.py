@@ -44,10 +44,12 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 GENERATIONS_FILE = "generations.jsonl"
 SWEEP_FILE = "sweep.json"
-"""In a sweep's folder: its name, the overrides shared by all jobs and the MLflow parent run."""
+"""In a sweep's folder: its name, the keys it sweeps over and the MLflow parent run."""
 LOGGED_FILE = "mlflow_run.json"
 """In a job's folder once uploaded: where to, so ``sync`` does not upload it twice."""
 SUMMARY_STEM = "summary"
+HYDRA_SWEEP_FILE = "multirun.yaml"
+"""Written by Hydra into every sweep folder; how ``sync`` recognises one."""
 
 _MLFLOW_ENV_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -353,11 +355,12 @@ class TrackingCallback(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         task_overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        swept = [o.key_or_group for o in task_overrides if o.is_sweep_override()]
         name = config.hydra.runtime.choices.get("sweep") or "multirun"
         info: dict[str, Any] = {
             "name": name,
             "run_name": f"{name}-{sweep_dir.name}",
-            "static_overrides": [o.input_line for o in task_overrides if not o.is_sweep_override()],
+            "swept_keys": swept + list(config.hydra.sweeper.get("params") or {}),
             "mlflow": None,
         }
         if config.tracking.backend == "mlflow":
@@ -420,50 +423,48 @@ class TrackingCallback(Callback):
 def sync(
     directory: Path, tracking_uri: str | None = None, experiment_name: str | None = None, force: bool = False
 ) -> list[TrackedRun]:
-    """Upload every saved job under ``directory`` that is not in the store yet.
+    """Upload every saved job under ``directory`` (a job folder, a sweep folder or any folder above
+    them) that is not in the store yet.
 
-    Jobs of a multirun folder become children of its parent run: the original one when it exists in
-    this store, else a new one, which is then ended FINISHED or FAILED like a live sweep's.
+    Jobs of a sweep become children of its parent run: the original one when it exists in this store,
+    else a new one, which is then ended FINISHED or FAILED like a live sweep's.
     """
-    directory = directory.resolve()
+    jobs_by_sweep: dict[Path | None, list[Path]] = {}
+    for job_dir in job_dirs(directory.resolve()):
+        sweep_dir = job_dir.parent if (job_dir.parent / HYDRA_SWEEP_FILE).is_file() else None
+        jobs_by_sweep.setdefault(sweep_dir, []).append(job_dir)
     uploaded = []
-    sweep_dirs = sorted({path.parent for path in directory.rglob(SWEEP_FILE)} | _enclosing_sweep(directory))
-    for sweep_dir in sweep_dirs:
-        uploaded += _sync_sweep(sweep_dir, tracking_uri, experiment_name, force)
-    for job_dir in job_dirs(directory):
-        if not any(sweep_dir in job_dir.parents for sweep_dir in sweep_dirs):
+    for sweep_dir, jobs in jobs_by_sweep.items():
+        if sweep_dir is not None:
+            uploaded += _sync_sweep(sweep_dir, jobs, tracking_uri, experiment_name, force)
+            continue
+        for job_dir in jobs:
             record = load_job(job_dir)[0]
             uri = resolve_tracking_uri(tracking_uri or record.get("tracking_uri"))
             if force or not is_logged(job_dir, uri):
                 client = mlflow_client(uri)
-                experiment_id = ensure_experiment(
-                    client, experiment_name or record["config"]["experiment_name"]
-                )
+                experiment_id = ensure_experiment(client, experiment_name or _experiment_of(record))
                 uploaded.append(log_job(client, experiment_id, job_dir))
     return uploaded
 
 
-def _enclosing_sweep(directory: Path) -> set[Path]:
-    """The sweep folder ``directory`` is a job of, so syncing one job of a sweep still gets a parent."""
-    return {directory.parent} if (directory.parent / SWEEP_FILE).is_file() else set()
+def _experiment_of(record: Mapping[str, Any]) -> str:
+    return record["config"]["experiment_name"]
 
 
 def _sync_sweep(
-    sweep_dir: Path, tracking_uri: str | None, experiment_name: str | None, force: bool
+    sweep_dir: Path, jobs: list[Path], tracking_uri: str | None, experiment_name: str | None, force: bool
 ) -> list[TrackedRun]:
-    info = read_sweep_info(sweep_dir) or {}
-    jobs = job_dirs(sweep_dir)
-    if not jobs:
-        return []
     first_record = load_job(jobs[0])[0]
     uri = resolve_tracking_uri(tracking_uri or first_record.get("tracking_uri"))
     pending = [job_dir for job_dir in jobs if force or not is_logged(job_dir, uri)]
     if not pending:
         return []
     client = mlflow_client(uri)
-    experiment_id = ensure_experiment(client, experiment_name or first_record["config"]["experiment_name"])
+    info = read_sweep_info(sweep_dir) or {}
     parent = info.get("mlflow") or {}
     if not (parent.get("tracking_uri") == uri and _run_exists(client, parent.get("parent_run_id"))):
+        experiment_id = ensure_experiment(client, experiment_name or _experiment_of(first_record))
         run_name = info.get("run_name") or f"multirun-{sweep_dir.name}"
         parent = {
             "tracking_uri": uri,
@@ -471,9 +472,7 @@ def _sync_sweep(
             "parent_run_id": start_sweep(client, experiment_id, run_name, {"sweep_dir": str(sweep_dir)}),
         }
         write_sweep_info(sweep_dir, {**info, "mlflow": parent, "mlflow_error": None})
-    uploaded = [
-        log_job(client, parent["experiment_id"], job_dir, parent["parent_run_id"]) for job_dir in pending
-    ]
+    uploaded = [log_job(client, parent["experiment_id"], job, parent["parent_run_id"]) for job in pending]
     finish_sweep(client, parent["parent_run_id"], summarize_sweep(sweep_dir), sweep_failed(sweep_dir))
     return uploaded
 

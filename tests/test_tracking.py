@@ -1,0 +1,277 @@
+"""MLflow tracking end to end, read back with `MlflowClient`: a sweep is one parent run with a child per
+job, a failed job fails the parent but not the sweep, an unreachable server loses nothing and ``sync``
+uploads the saved results later, and a real ``mlflow server`` works over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from rtdlm_experiments import report, tracking
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def store_uri(output_dir: Path) -> str:
+    """The embedded store a job writes to when ``RTDLM_OUTPUT_DIR=output_dir``."""
+    return f"sqlite:///{output_dir / 'mlflow.db'}"
+
+
+def sweep_runs(client: MlflowClient, experiment: str = "rtdlm-experiments") -> tuple[Run, list[Run]]:
+    """The single parent run of ``experiment`` and its children, children sorted by run name."""
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1, [run.info.run_name for run in parents]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(children) == len(runs) - 1
+    return parents[0], sorted(children, key=lambda run: run.info.run_name)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    paths = set()
+    for entry in client.list_artifacts(run_id, path):
+        paths |= artifact_paths(client, run_id, entry.path) if entry.is_dir else {entry.path}
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(root: Path, start_timeout: float = 120) -> Iterator[str]:
+    """A real ``mlflow server`` on a free local port; yields its URI and stops it (its process group, by
+    PID) afterwards."""
+    port = free_port()
+    log_path = root / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+               "--artifacts-destination", str(root / "server-artifacts")]  # fmt: skip
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, so its workers stop with it
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            assert process.poll() is None, f"mlflow server exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"mlflow server not up in {start_timeout} s"
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+# --- a sweep, logged live -----------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    output_dir: Path
+    sweep_dir: Path
+    client: MlflowClient
+    parent: Run
+    children: list[Run]
+
+
+@pytest.fixture(scope="module")
+def sweep(launch_app, tiny_job, tmp_path_factory: pytest.TempPathFactory) -> Sweep:
+    """``python -m rtdlm_experiments -m sampling=creative,balanced`` on tiny-random, run once."""
+    root = tmp_path_factory.mktemp("sweep")
+    result = launch_app(["-m", "sampling=creative,balanced", *tiny_job], root / "cwd", root / "outputs")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (sweep_dir,) = (root / "outputs" / "multirun").iterdir()
+    client = MlflowClient(store_uri(root / "outputs"))
+    parent, children = sweep_runs(client)
+    return Sweep(root / "outputs", sweep_dir, client, parent, children)
+
+
+def test_sweep_is_one_finished_parent_with_a_finished_child_per_job(sweep: Sweep):
+    assert sweep.parent.info.status == "FINISHED"
+    assert sweep.parent.info.run_name == f"multirun-{sweep.sweep_dir.name}"
+    assert [child.info.run_name for child in sweep.children] == ["sampling=balanced", "sampling=creative"]
+    assert [child.info.status for child in sweep.children] == ["FINISHED", "FINISHED"]
+
+
+def test_child_runs_hold_the_resolved_config_metrics_and_provenance(sweep: Sweep):
+    balanced, creative = sweep.children
+    params = creative.data.params
+    assert params["sampling.preset"] == "creative"
+    assert params["sampling.temperature"] == "1.2"  # from sampling.PRESETS, not from a yaml
+    assert params["sampling.top_k"] == "100"
+    assert balanced.data.params["sampling.temperature"] == "0.7"
+    assert (params["model.name"], params["decoder.name"], params["seed"], params["max_new_tokens"]) == (
+        "tiny-random", "autoregressive", "0", "4",
+    )  # fmt: skip
+    assert {"distinct_2", "seq_rep_4", "self_bleu_4", "perplexity", "tokens_per_second"} <= set(
+        creative.data.metrics
+    )
+    record = json.loads((sweep.sweep_dir / creative.data.tags["hydra.job_num"] / "results.json").read_text())
+    assert creative.data.metrics["distinct_2"] == pytest.approx(record["metrics"]["distinct_2"])
+    tags = creative.data.tags
+    assert tags["config_hash"] == record["config_hash"] != balanced.data.tags["config_hash"]
+    assert "sampling=creative" in tags["hydra.overrides"].split()
+    assert (tags["device"], tags["dtype"], tags[report.JOB_TAG]) == ("cpu", "float32", "true")
+    assert len(tags["git_sha"]) == 40
+
+
+def test_child_runs_hold_the_generations_table_and_config_artifacts(sweep: Sweep, tmp_path: Path):
+    child = sweep.children[0]
+    paths = artifact_paths(sweep.client, child.info.run_id)
+    assert {"generations_table.json", "results.json", "generations.jsonl", "config.yaml"} <= paths
+    assert {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"} <= paths
+    table_file = sweep.client.download_artifacts(child.info.run_id, "generations_table.json", str(tmp_path))
+    table = json.loads(Path(table_file).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [row["prompt"] for row in rows] == ["Once upon a time", "def add(a, b):"]
+    saved = (
+        (sweep.sweep_dir / child.data.tags["hydra.job_num"] / "generations.jsonl").read_text().splitlines()
+    )
+    assert [row["output"] for row in rows] == [json.loads(line)["output"] for line in saved]
+
+
+def test_parent_run_holds_the_summary_table_and_plot(sweep: Sweep, tmp_path: Path):
+    assert {"summary.csv", "summary.md", "summary.png"} <= artifact_paths(
+        sweep.client, sweep.parent.info.run_id
+    )
+    summary = pd.read_csv(
+        sweep.client.download_artifacts(sweep.parent.info.run_id, "summary.csv", str(tmp_path))
+    )
+    assert sorted(summary["preset"]) == ["balanced", "creative"]
+    assert {"distinct_2", "seq_rep_4"} <= set(summary.columns)
+
+
+def test_results_are_saved_under_the_output_root_not_the_cwd(sweep: Sweep):
+    info = json.loads((sweep.sweep_dir / "sweep.json").read_text())
+    assert info["mlflow"]["parent_run_id"] == sweep.parent.info.run_id
+    for job in ("0", "1"):
+        record = json.loads((sweep.sweep_dir / job / "results.json").read_text())
+        assert record["status"] == "COMPLETED"
+        assert len((sweep.sweep_dir / job / "generations.jsonl").read_text().splitlines()) == 2
+    assert not (sweep.output_dir.parent / "cwd" / "outputs").exists()
+
+
+def test_report_tabulates_and_plots_a_sweep(sweep: Sweep, tmp_path: Path, capsys: pytest.CaptureFixture):
+    args = ["--uri", sweep.client.tracking_uri, "--sweep", sweep.parent.info.run_id, "--out", str(tmp_path)]
+    assert report.main([*args, "--sort-by", "distinct_2"]) == 0
+    table = pd.read_csv(tmp_path / "report.csv")
+    assert sorted(table["run"]) == ["sampling=balanced", "sampling=creative"]
+    assert list(table["distinct_2"]) == sorted(table["distinct_2"], reverse=True)
+    assert (tmp_path / "report.png").stat().st_size > 0
+    assert "| run | status | model | preset | decoder |" in capsys.readouterr().out
+
+
+# --- failures -----------------------------------------------------------------------------------------
+
+
+def test_a_failing_job_fails_the_parent_but_the_other_jobs_complete(launch_app, tiny_job, tmp_path: Path):
+    # The first job's top_p passes the schema (a float) but not SamplingConfig: it fails when it runs.
+    result = launch_app(["-m", "sampling.top_p=1.5,0.9", *tiny_job], tmp_path / "cwd", tmp_path / "outputs")
+    assert result.returncode == 1
+    assert "sampling.top_p=1.5 is invalid" in result.stderr
+    parent, (completed, failed) = sweep_runs(MlflowClient(store_uri(tmp_path / "outputs")))
+    assert (completed.info.run_name, completed.info.status) == ("sampling.top_p=0.9", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("sampling.top_p=1.5", "FAILED")
+    assert "sampling.top_p=1.5 is invalid" in failed.data.tags["error"]
+    assert parent.info.status == "FAILED"
+
+
+def test_unreachable_server_keeps_results_on_disk_and_sync_uploads_them(
+    launch_app, tiny_job, tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    dead_uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = launch_app([*tiny_job, f"tracking.uri={dead_uri}"], tmp_path / "cwd", tmp_path / "outputs")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "COMPLETED"
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "WARNING" in line]
+    assert len(warnings) == 1
+    assert f"python -m rtdlm_experiments.tracking sync {run_dir}" in warnings[0]
+    assert time.monotonic() - started < 60  # no minutes of HTTP retries
+
+    target = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
+    assert tracking.main(["sync", str(tmp_path / "outputs"), "--uri", target]) == 0
+    assert tracking.main(["sync", str(tmp_path / "outputs"), "--uri", target]) == 0  # nothing twice
+    assert "nothing to upload" in capsys.readouterr().out
+    client = MlflowClient(target)
+    (run,) = client.search_runs([client.get_experiment_by_name("rtdlm-experiments").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["tracking.uri"] == dead_uri
+    assert "distinct_2" in run.data.metrics
+    assert "generations_table.json" in artifact_paths(client, run.info.run_id)
+
+
+def test_sync_recreates_a_sweeps_parent_and_children(launch_app, tiny_job, tmp_path: Path):
+    result = launch_app(
+        ["-m", "sampling=creative,balanced", "tracking=none", *tiny_job],
+        tmp_path / "cwd",
+        tmp_path / "outputs",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+    (sweep_dir,) = (tmp_path / "outputs" / "multirun").iterdir()
+    assert (sweep_dir / "summary.md").is_file()  # the summary does not need MLflow
+
+    target = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
+    client = MlflowClient(target)
+    tracking.sync(sweep_dir / "0", target)  # one job first: it gets a parent of its own sweep
+    parent, children = sweep_runs(client)
+    assert [child.data.tags["hydra.job_num"] for child in children] == ["0"]
+    tracking.sync(sweep_dir, target)  # then the rest joins the same parent, without duplicating job 0
+    assert sweep_runs(client)[0].info.run_id == parent.info.run_id
+    parent, children = sweep_runs(client)
+    assert [child.info.run_name for child in children] == ["sampling=balanced", "sampling=creative"]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name == f"multirun-{sweep_dir.name}"
+
+
+# --- a real server ------------------------------------------------------------------------------------
+
+
+def test_logging_to_a_real_mlflow_server_over_http(launch_app, tiny_job, tmp_path: Path):
+    with mlflow_server(tmp_path) as uri:
+        result = launch_app([*tiny_job, f"tracking.uri={uri}"], tmp_path / "cwd", tmp_path / "outputs")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "WARNING" not in result.stdout + result.stderr
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("rtdlm-experiments").experiment_id])
+        assert f"mlflow:  run {run.info.run_id}" in result.stdout
+        assert run.info.status == "FINISHED"
+        assert "distinct_2" in run.data.metrics
+        assert {"generations_table.json", "results.json", "config.yaml"} <= artifact_paths(
+            client, run.info.run_id
+        )
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
