@@ -327,9 +327,16 @@ def join_and_verify(
     total = sum(Path(p).stat().st_size for p in parts)
     digest = hashlib.sha256()
     try:
-        with open(dest, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=f"joining {dest.name}", disable=not progress or None
-        ) as bar:
+        with (
+            open(dest, "wb") as out,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"joining {dest.name}",
+                disable=not progress or None,
+            ) as bar,
+        ):
             for part in parts:
                 with open(part, "rb") as src:
                     while chunk := src.read(_CHUNK_BYTES):
@@ -642,12 +649,7 @@ class HFCausalLM:
         if attention_mask is None:
             position_ids = torch.arange(past, past + new, device=self.device).unsqueeze(0).expand(batch, -1)
         else:
-            attention_mask = attention_mask.to(self.device)
-            if tuple(attention_mask.shape) != (batch, past + new):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
-                    f"{(batch, past + new)}"
-                )
+            attention_mask = self._check_mask(attention_mask, batch, past, new)
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
         with torch.inference_mode():
             logits = self.model(
@@ -684,14 +686,25 @@ class HFCausalLM:
         if not 0 <= layer <= self.num_layers:
             raise ValueError(f"{what}={layer} is out of range: must be in [0, {self.num_layers}]")
 
-    def _run_layers(self, hidden: torch.Tensor, cache: Any, start: int, end: int) -> torch.Tensor:
+    def _run_layers(
+        self,
+        hidden: torch.Tensor,
+        cache: Any,
+        start: int,
+        end: int,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Layers ``[start, end)`` on ``hidden`` (batch without padding); positions from layer ``start``."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         inner = self.model.model
         new = hidden.shape[1]
         past = self._layer_length(cache, min(start, self.num_layers - 1))
-        position_ids = torch.arange(past, past + new, device=hidden.device).expand(hidden.shape[0], -1)
+        if attention_mask is None:
+            position_ids = torch.arange(past, past + new, device=hidden.device).expand(hidden.shape[0], -1)
+        else:
+            attention_mask = self._check_mask(attention_mask, hidden.shape[0], past, new)
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
         masks: dict[str, Any] = {}
         embeddings: dict[str, Any] = {}
         for i in range(start, end):
@@ -704,7 +717,7 @@ class HFCausalLM:
             masks[layer_type] = make_mask(
                 config=self.config,
                 inputs_embeds=hidden,
-                attention_mask=None,
+                attention_mask=attention_mask,
                 cache=cache,
                 position_ids=position_ids,
                 layer_idx=i,
@@ -727,6 +740,15 @@ class HFCausalLM:
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
 
+    def _check_mask(self, attention_mask: torch.Tensor, batch: int, past: int, new: int) -> torch.Tensor:
+        attention_mask = attention_mask.to(self.device).long()
+        if tuple(attention_mask.shape) != (batch, past + new):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, past + new) = "
+                f"{(batch, past + new)}"
+            )
+        return attention_mask
+
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.lm_head(self.model.model.norm(hidden))
         softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -735,31 +757,35 @@ class HFCausalLM:
         return logits
 
     def forward_early_exit(
-        self, input_ids: torch.Tensor, cache: Any, exit_layer: int
+        self, input_ids: torch.Tensor, cache: Any, exit_layer: int, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding + layers ``[0, exit_layer)`` + norm + head; only those layers' cache grows.
 
-        Returns ``(logits float32 [1, T, V], hidden [1, T, H])``, ``hidden`` being the residual stream
+        Returns ``(logits float32 [B, T, V], hidden [B, T, H])``, ``hidden`` being the residual stream
         entering layer ``exit_layer`` (before the norm), to be finished later by `forward_from_layer`.
+        ``attention_mask`` [B, past + T] (past = layer 0's cache length) allows padding and holes.
         """
         self._check_splittable()
         self._check_layer(exit_layer, "exit_layer")
         with torch.inference_mode():
             hidden = self.model.model.embed_tokens(input_ids.to(self.device))
-            hidden = self._run_layers(hidden, cache, 0, exit_layer)
+            hidden = self._run_layers(hidden, cache, 0, exit_layer, attention_mask)
             logits = self._head(hidden)
         return self._detach(logits, torch.float32), self._detach(hidden)
 
-    def forward_from_layer(self, hidden: torch.Tensor, cache: Any, start_layer: int) -> torch.Tensor:
-        """Layers ``[start_layer, L)`` + norm + head on ``hidden`` [1, T, H]; float32 logits [1, T, V].
+    def forward_from_layer(
+        self, hidden: torch.Tensor, cache: Any, start_layer: int, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Layers ``[start_layer, L)`` + norm + head on ``hidden`` [B, T, H]; float32 logits [B, T, V].
 
-        Positions continue from layer ``start_layer``'s cache length, which may lag the early layers'.
+        Positions continue from layer ``start_layer``'s cache length, which may lag the early layers';
+        ``attention_mask`` then covers that layer's cached positions plus the new ones.
         """
         self._check_splittable()
         self._check_layer(start_layer, "start_layer")
         with torch.inference_mode():
             hidden = hidden.to(device=self.device, dtype=self.dtype)
-            hidden = self._run_layers(hidden, cache, start_layer, self.num_layers)
+            hidden = self._run_layers(hidden, cache, start_layer, self.num_layers, attention_mask)
             logits = self._head(hidden)
         return self._detach(logits, torch.float32)
 

