@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import importlib.metadata
 import platform
 import subprocess
@@ -23,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments.prompt_sets import Prompt, load_prompts
 from rtdlm_experiments.schema import ConfigError
-from sampling import SamplingConfig, get_preset
+from sampling import SamplingConfig, decoding, get_preset
 from sampling.decoding.base import CausalLM, Decoder, GenerationOutput
 
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -34,7 +33,7 @@ _DECODER_CLASSES: dict[str, str] = {
     "self_speculative": "SelfSpeculativeDecoder",
     "prompt_lookup": "PromptLookupDecoder",
 }
-"""Decoder config name → class in `sampling.decoding`, imported only when chosen."""
+"""Decoder config name → class in `sampling.decoding`, looked up only when chosen."""
 
 _WARMUP_TOKENS = 2
 
@@ -75,7 +74,6 @@ class JobResult:
     timings: dict[str, float]
     device: str
     dtype: str
-    model_name: str
     baseline: GenerationOutput | None = None
 
 
@@ -188,13 +186,12 @@ def build_decoder(
 ) -> Decoder:
     """The decoder named by a ``decoder`` config, for ``target``.
 
-    The class is imported from `sampling.decoding` only when chosen, so a decoder that is not
+    The class is looked up in `sampling.decoding` only when chosen, so a decoder that is not
     implemented yet fails only the jobs that ask for it. A speculative draft model is loaded with
     ``load_model`` (default: `rtdlm_experiments.models.load_model`) and must share the target's tokenizer.
     """
     validate_decoder_config(cfg)
     name = cfg["name"]
-    decoding = importlib.import_module("sampling.decoding")
     decoder_class = getattr(decoding, _DECODER_CLASSES[name], None)
     if decoder_class is None:
         raise ConfigError(
@@ -276,11 +273,8 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: boo
 
 
 def decode_texts(tokenizer: Any, token_ids: Sequence[Sequence[int]]) -> list[str]:
-    """Text of each generated sequence (special tokens dropped when the tokenizer knows them)."""
-    try:
-        return [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in token_ids]
-    except TypeError:  # tokenizers without special tokens take no such argument
-        return [tokenizer.decode(list(ids)) for ids in token_ids]
+    """Text of each generated sequence, special tokens dropped."""
+    return [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in token_ids]
 
 
 def generate_rows(
@@ -374,11 +368,8 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
 
     outputs: dict[str, GenerationOutput] = {}
     for role, active in decoders.items():
-        bar = (
-            progress_factory(len(rows), f"{spec.decoder['name'] if role == 'decoder' else 'AR baseline'}")
-            if progress_factory
-            else None
-        )
+        label = spec.decoder["name"] if role == "decoder" else "AR baseline"
+        bar = progress_factory(len(rows), label) if progress_factory else None
         tick = time.perf_counter()
         outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.update if bar else None)
         timings[f"{role}_wall_seconds"] = time.perf_counter() - tick
@@ -399,7 +390,6 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
         timings=timings,
         device=str(model.device),
         dtype=str(getattr(model, "dtype", spec.model.get("dtype", ""))).removeprefix("torch."),
-        model_name=str(getattr(model, "name", spec.model.get("name", ""))),
         baseline=baseline,
     )
 

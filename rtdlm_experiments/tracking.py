@@ -184,7 +184,7 @@ def log_job(
     record, generations = load_job(job_dir)
     run = client.create_run(
         experiment_id,
-        start_time=record.get("job", {}).get("started_at_ms"),
+        start_time=record["job"].get("started_at_ms"),
         tags=_run_tags(record, parent_run_id),
         run_name=record["job"]["run_name"],
     )
@@ -222,7 +222,7 @@ def log_job(
 def _run_tags(record: Mapping[str, Any], parent_run_id: str | None) -> dict[str, str]:
     from rtdlm_experiments.report import JOB_TAG
 
-    job, environment = record.get("job", {}), record.get("environment", {})
+    job, environment = record["job"], record.get("environment", {})
     tags = {
         JOB_TAG: "true",
         "hydra.overrides": " ".join(job.get("overrides", [])),

@@ -13,6 +13,9 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Before any test module imports mlflow, which starts its telemetry client at import time.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 AppLauncher = Callable[..., subprocess.CompletedProcess]
 
 
