@@ -147,6 +147,13 @@ def plot_summary(table: pd.DataFrame, path: Path) -> Path:
 
 
 _MARKERS = "osD^vP*Xh<>"
+_LABEL_CHARS = 32
+
+
+def _label(run_name: Any) -> str:
+    """A run name short enough for a tick label or an annotation."""
+    text = str(run_name)
+    return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
 
 
 def _plot_frontier(axis: Any, table: pd.DataFrame) -> None:
@@ -163,7 +170,7 @@ def _plot_frontier(axis: Any, table: pd.DataFrame) -> None:
         )
         for row in rows.itertuples():
             axis.annotate(
-                str(row.run),
+                _label(row.run),
                 (row.distinct_2, row.seq_rep_4),
                 fontsize=7,
                 alpha=0.7,
@@ -175,7 +182,7 @@ def _plot_frontier(axis: Any, table: pd.DataFrame) -> None:
 
 
 def _plot_speedup(axis: Any, table: pd.DataFrame) -> None:
-    axis.barh([str(name) for name in table["run"]], table["speedup"])
+    axis.barh([_label(name) for name in table["run"]], table["speedup"])
     axis.axvline(1.0, color="grey", linestyle="--", linewidth=1)
     axis.set(title="Speedup over autoregressive decoding", xlabel="× (wall time of AR / decoder)")
     axis.invert_yaxis()
