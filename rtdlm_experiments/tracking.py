@@ -332,10 +332,12 @@ def finish_sweep(client: MlflowClient, parent_run_id: str, summary: Mapping[str,
     """Attach the summary to the parent run and end it FINISHED, or FAILED when a job failed."""
     from mlflow.entities import RunStatus
 
-    for path in summary.values():
-        client.log_artifact(parent_run_id, str(path))
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
-    client.set_terminated(parent_run_id, RunStatus.to_string(status))
+    try:
+        for path in summary.values():
+            client.log_artifact(parent_run_id, str(path))
+    finally:  # a parent left RUNNING would look like a sweep still in progress
+        client.set_terminated(parent_run_id, RunStatus.to_string(status))
 
 
 class TrackingCallback(Callback):
@@ -399,7 +401,11 @@ class TrackingCallback(Callback):
         sweep_dir, self._sweep_dir = self._sweep_dir, None
         atexit.unregister(self._finish)
         failed = self._job_failed or sweep_failed(sweep_dir)
-        summary = summarize_sweep(sweep_dir)
+        try:
+            summary = summarize_sweep(sweep_dir)
+        except Exception as err:  # the parent run must still be ended below
+            log.warning("could not summarize the sweep in %s (%s)", sweep_dir, _first_line(err))
+            summary = {}
         info = read_sweep_info(sweep_dir) or {}
         if mlflow := info.get("mlflow"):
             try:
