@@ -14,13 +14,22 @@ step, token id), so a row's draw is reproducible and independent of the batch it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.processors import FILTERS, NEG_INF, apply_penalties, min_p_filter, top_k_filter, top_p_filter
+from sampling.processors import (
+    FILTERS,
+    NEG_INF,
+    apply_penalties,
+    logsumexp,
+    min_p_filter,
+    top_k_filter,
+    top_p_filter,
+)
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 16
@@ -150,25 +159,31 @@ class TokenSampler:
         first = filters[0]
         width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
         log_total = self._first_filter_log_total(penalized) if first == "top_p" else None
-        ids = torch.zeros(penalized.shape[0], width, dtype=torch.long, device=penalized.device)
-        final = torch.full((penalized.shape[0], width), NEG_INF, device=penalized.device)
-        pending = torch.arange(penalized.shape[0], device=penalized.device)
-        while pending.numel():
-            values, cand_ids = top_candidates(penalized[pending], width)
-            row_log_total = None if log_total is None else log_total[pending]
+        rows, pending = penalized, None  # pending: indices of rows still undecided (None = all rows)
+        ids = final = None
+        while True:
+            values, cand_ids = top_candidates(rows, width)
+            row_log_total = log_total if pending is None or log_total is None else log_total[pending]
             row_final, decided = self._run_stages(values, row_log_total)
-            decided |= width == vocab
-            done = pending[decided]
-            if ids.shape[1] < width:
-                pad = width - ids.shape[1]
-                ids = torch.nn.functional.pad(ids, (0, pad))
-                final = torch.nn.functional.pad(final, (0, pad), value=NEG_INF)
-            ids[done, :width] = cand_ids[decided]
-            final[done, :width] = row_final[decided]
+            if width == vocab:
+                decided[:] = True
+            if pending is None and bool(decided.all()):  # the common case: one pass decides every row
+                return Candidates(cand_ids, row_final)
+            if pending is None:
+                ids, final = cand_ids, row_final
+                pending = torch.arange(rows.shape[0], device=rows.device)
+            else:
+                ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+                final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
+                done = pending[decided]
+                ids[done] = cand_ids[decided]
+                final[done] = row_final[decided]
             pending = pending[~decided]
+            if not pending.numel():
+                return Candidates(ids, final)
+            rows = penalized[pending]
             width = width * _GROWTH
             width = vocab if width * 4 > vocab else width  # a huge top-k costs as much as a sort
-        return Candidates(ids, final)
 
     def _run_stages(
         self, values: torch.Tensor, log_total: torch.Tensor | None
@@ -203,7 +218,7 @@ class TokenSampler:
         stages = self.config.stages
         tempered = "temperature" in stages and stages.index("temperature") < stages.index("top_p")
         scaled = penalized / self.config.temperature if tempered else penalized
-        return torch.logsumexp(scaled.double(), dim=1)
+        return logsumexp(scaled).double()
 
     def _penalize(
         self, raw: torch.Tensor, history: torch.Tensor | None, generated: torch.Tensor | None
@@ -269,7 +284,8 @@ def _last_position(logits: torch.Tensor) -> torch.Tensor:
         logits = logits[:, -1]
     if logits.dim() != 2:
         raise ValueError(f"logits must be [B, V] or [B, T, V], got shape {tuple(logits.shape)}")
-    return logits.float()
+    # Row-strided views (e.g. ``model_logits[:, -1]``) make every reduction below several times slower.
+    return logits.float().contiguous()
 
 
 def _greedy(penalized: torch.Tensor, chunk: int = _CHUNK) -> torch.Tensor:
@@ -301,7 +317,7 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
     """Reject NaN rows and all ``-inf`` rows; rows with ``+inf`` logits put all their mass, equally, on
     their ``+inf`` tokens (one ``amax`` pass; NaN propagates through it)."""
     top = penalized.amax(dim=1)
-    if not torch.isfinite(top).all():
+    if not math.isfinite(top.sum().item()):
         nan_rows = torch.isnan(top).nonzero().flatten().tolist()
         if nan_rows:
             raise ValueError(f"logits contain NaN in row(s) {nan_rows}")
@@ -315,4 +331,4 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
 
 
 def _model_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(raw, dim=1)
+    return raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - logsumexp(raw)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from sampling import ORDERS, PRESETS, SamplingConfig, TokenSampler, get_preset
+from sampling import ORDERS, PRESETS, SamplingConfig, TokenSampler, get_preset, noise
 from sampling.processors import apply_penalties, top_p_filter
 from sampling.sampler import top_candidates
 
@@ -452,3 +452,13 @@ def test_chunked_greedy_matches_argmax_with_ties(vocab):
     tokens = TokenSampler(SamplingConfig(do_sample=False)).sample(logits).tokens
     assert torch.equal(tokens, torch.argmax(logits, dim=1))
     assert tokens[1].item() == 7
+
+
+def test_row_keys_python_and_tensor_paths_agree():
+    """Small batches hash with Python ints, large ones with tensor ops: the bits must be identical."""
+    seeds = torch.randint(-(2**62), 2**62, (200,), generator=torch.Generator().manual_seed(0))
+    steps = torch.arange(200) * 7919
+    large = noise.row_keys(seeds, steps, salt=3)
+    small = torch.cat([noise.row_keys(seeds[i : i + 8], steps[i : i + 8], salt=3) for i in range(0, 200, 8)])
+    assert torch.equal(large, small)
+    assert len(set(large.tolist())) == 200
