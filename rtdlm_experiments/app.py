@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from rtdlm_experiments.prompt_sets import Prompt, load_prompts
 from rtdlm_experiments.schema import ConfigError
 from sampling import SamplingConfig, decoding, get_preset
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput
+from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
 
 TRACKING_BACKENDS = ("mlflow", "none")
 
@@ -114,6 +114,10 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
     if cfg.tracking.backend not in TRACKING_BACKENDS:
         raise ConfigError(
             f"tracking.backend={cfg.tracking.backend!r} is invalid: must be one of {TRACKING_BACKENDS}"
+        )
+    if cfg.tracking.parent_run_id and cfg.tracking.backend != "mlflow":
+        raise ConfigError(
+            f"tracking.parent_run_id={cfg.tracking.parent_run_id!r} is invalid: resuming needs MLflow"
         )
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     _validate_model(model_cfg, field_name="model")
@@ -303,41 +307,6 @@ def generate_rows(
     return merge_outputs(outputs)
 
 
-def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
-    """Concatenate the per-row lists of several batches and add up their timings and counters.
-
-    Decoder ``stats`` keys ending in ``_tokens`` or ``_seconds`` are totals and are added; every other
-    key is a rate (acceptance rate, tokens per forward...) and is averaged over the batches weighted by
-    their generated tokens, which is exact when the rate is per generated token and close otherwise.
-    """
-    if len(outputs) == 1:
-        return outputs[0]
-    tokens = [output.num_new_tokens for output in outputs]
-    total_tokens = sum(tokens) or 1
-
-    def merged_stat(key: str) -> float:
-        values = [output.stats[key] for output in outputs]
-        if key.endswith(("_tokens", "_seconds")):
-            return sum(values)
-        return sum(value * n for value, n in zip(values, tokens, strict=True)) / total_tokens
-
-    stat_keys = set.intersection(*(set(output.stats) for output in outputs))
-    return GenerationOutput(
-        token_ids=[ids for output in outputs for ids in output.token_ids],
-        model_logprobs=[row for output in outputs for row in output.model_logprobs],
-        entropies=[row for output in outputs for row in output.entropies],
-        num_kept=[row for output in outputs for row in output.num_kept],
-        finished_by_stop=[flag for output in outputs for flag in output.finished_by_stop],
-        prefill_seconds=sum(output.prefill_seconds for output in outputs),
-        decode_seconds=sum(output.decode_seconds for output in outputs),
-        sampler_seconds=sum(output.sampler_seconds for output in outputs),
-        sampler_calls=sum(output.sampler_calls for output in outputs),
-        target_forwards=sum(output.target_forwards for output in outputs),
-        draft_forwards=sum(output.draft_forwards for output in outputs),
-        stats={key: merged_stat(key) for key in sorted(stat_keys)},
-    )
-
-
 def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = None) -> JobResult:
     """Load the model(s), generate every (prompt, sample), decode the texts and compute the metrics.
 
@@ -461,6 +430,18 @@ def failure_record(
 ) -> dict[str, Any]:
     """``results.json`` of a job that raised: its config and the error, so the failure is tracked too."""
     return _record(config, job, tracking_uri, status="FAILED") | {"error": f"{type(error).__name__}: {error}"}
+
+
+def reused_record(
+    config: dict[str, Any], job: JobMeta, tracking_uri: str | None, finished: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``results.json`` of a job a resumed sweep did not rerun: it FINISHED in an earlier attempt as run
+    ``finished["run_id"]``, which holds its generations. Its metrics are copied so that the sweep's
+    summary covers every job."""
+    return _record(config, job, tracking_uri, status="COMPLETED") | {
+        "metrics": dict(finished["metrics"]),
+        "reused_run_id": finished["run_id"],
+    }
 
 
 def _record(config: dict[str, Any], job: JobMeta, tracking_uri: str | None, status: str) -> dict[str, Any]:

@@ -234,7 +234,7 @@ def test_row_seeds_make_samples_independent_of_batching():
 
 
 def test_merge_outputs_concatenates_rows_and_adds_totals():
-    def batch(token_ids: list[list[int]], seconds: float, calls: int, acceptance: float, drafted: float):
+    def batch(token_ids: list[list[int]], seconds: float, calls: int, accepted: float, verified: float):
         return GenerationOutput(
             token_ids=token_ids,
             model_logprobs=[[-0.1] * len(ids) for ids in token_ids],
@@ -244,21 +244,19 @@ def test_merge_outputs_concatenates_rows_and_adds_totals():
             sampler_calls=calls,
             target_forwards=calls,
             draft_forwards=1,
-            stats={"acceptance_rate": acceptance, "drafted_tokens": drafted},
+            stats={"accepted_tokens": accepted, "verified_tokens": verified},
         )
 
-    first = batch([[1, 2]], seconds=1.0, calls=2, acceptance=1.0, drafted=4.0)
-    second = batch([[3, 4, 5, 6]], seconds=0.5, calls=4, acceptance=0.25, drafted=8.0)
+    first = batch([[1, 2]], seconds=1.0, calls=2, accepted=4.0, verified=4.0)
+    second = batch([[3, 4, 5, 6]], seconds=0.5, calls=4, accepted=2.0, verified=8.0)
     merged = app.merge_outputs([first, second])
     assert merged.token_ids == [[1, 2], [3, 4, 5, 6]]
     assert merged.finished_by_stop == [True, False]
     assert merged.model_logprobs == [[-0.1] * 2, [-0.1] * 4]
     assert (merged.prefill_seconds, merged.decode_seconds, merged.sampler_calls) == (1.5, 3.0, 6)
     assert (merged.target_forwards, merged.draft_forwards) == (6, 2)
-    assert merged.stats == {
-        "acceptance_rate": pytest.approx((1.0 * 2 + 0.25 * 4) / 6),
-        "drafted_tokens": 12.0,
-    }
+    assert merged.stats == {"accepted_tokens": 6.0, "verified_tokens": 12.0}  # counts add up exactly
+    assert merged.accounting()["acceptance_rate"] == 0.5
 
 
 def test_config_hash_ignores_where_results_are_logged():

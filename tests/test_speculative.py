@@ -20,7 +20,8 @@ from sampling.decoding import (
     SpeculativeDecoder,
     verify_drafts,
 )
-from sampling.decoding.draft_verify import Drafts, predicted_speedup
+from sampling.decoding.accounting import predicted_speedup
+from sampling.decoding.draft_verify import Drafts
 from sampling.decoding.prompt_lookup import lookup_draft
 
 VOCAB = 16
@@ -202,7 +203,7 @@ def test_accounting_is_consistent(target, draft):
     out = SpeculativeDecoder(draft, num_draft_tokens=3).generate(
         target, [PROMPT] * 4, get_preset("balanced", seed=1), 16
     )
-    stats = out.stats
+    stats = out.accounting()
     assert 0 <= stats["acceptance_rate"] <= 1 and 0 <= stats["analytic_acceptance"] <= 1
     assert stats["accepted_tokens"] <= stats["drafted_tokens"]
     assert 1 <= stats["tokens_per_target_forward"] <= 4

@@ -23,13 +23,13 @@ def speed_metrics(output: GenerationOutput, baseline_seconds: float | None = Non
       ``total_seconds``: the raw counters and timings.
     - ``speedup`` = baseline_seconds / total_seconds (prefill + decode), only when ``baseline_seconds``
       (the AR decoder's total time on the same prompts, config and seed) is given.
-    - every key of ``output.stats`` (decoder accounting such as ``acceptance_rate``, ``analytic_acceptance``,
-      ``tokens_per_target_forward``, ``cost_ratio``, ``predicted_speedup``), passed through as float; a
-      stats key that collides with a key above is overridden by it.
+    - every key of ``output.accounting()`` (decoder counts and the rates derived from them, such as
+      ``acceptance_rate``, ``analytic_acceptance``, ``tokens_per_target_forward``, ``cost_ratio``,
+      ``predicted_speedup``), as floats; a key that collides with one above is overridden by it.
     """
     new_tokens = output.num_new_tokens
     sampler_seconds_per_call = ratio(output.sampler_seconds, output.sampler_calls)
-    metrics = {key: float(value) for key, value in output.stats.items()}
+    metrics = {key: float(value) for key, value in output.accounting().items()}
     metrics.update(
         {
             "tokens_per_second": ratio(new_tokens, output.decode_seconds),

@@ -1,7 +1,8 @@
 """Decoders: one file each, one shared `generate(model, prompt_ids, config, max_new_tokens, stop_ids)`."""
 
+from sampling.decoding.accounting import derive_rates, predicted_speedup
 from sampling.decoding.autoregressive import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput
+from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
 from sampling.decoding.draft_verify import DraftVerifyDecoder, verify_drafts
 from sampling.decoding.prompt_lookup import PromptLookupDecoder
 from sampling.decoding.self_speculative import SelfSpeculativeDecoder
@@ -16,5 +17,8 @@ __all__ = [
     "PromptLookupDecoder",
     "SelfSpeculativeDecoder",
     "SpeculativeDecoder",
+    "derive_rates",
+    "merge_outputs",
+    "predicted_speedup",
     "verify_drafts",
 ]

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from sampling.config import SamplingConfig
+from sampling.decoding.accounting import derive_rates
 
 
 @runtime_checkable
@@ -92,7 +93,8 @@ class GenerationOutput:
     target_forwards: int = 0
     draft_forwards: int = 0
     stats: dict[str, float] = field(default_factory=dict)
-    """Decoder-specific accounting (speculative: drafted/accepted tokens, α, α̂, τ, c, ...)."""
+    """Decoder-specific accounting as additive counts (drafted/accepted/verified tokens, seconds...),
+    so outputs of several batches merge by addition; `accounting()` adds the derived rates."""
 
     @property
     def num_new_tokens(self) -> int:
@@ -101,6 +103,32 @@ class GenerationOutput:
     @property
     def total_seconds(self) -> float:
         return self.prefill_seconds + self.decode_seconds
+
+    def accounting(self) -> dict[str, float]:
+        """The counts in ``stats`` plus the rates derived from them (α, α̂, τ, c, predicted speedup)."""
+        return {**self.stats, **derive_rates(self.stats)}
+
+
+def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
+    """One output for several batches: per-row lists concatenated, timings, counters and stats added."""
+    stats: dict[str, float] = {}
+    for output in outputs:
+        for key, value in output.stats.items():
+            stats[key] = stats.get(key, 0.0) + value
+    return GenerationOutput(
+        token_ids=[row for output in outputs for row in output.token_ids],
+        model_logprobs=[row for output in outputs for row in output.model_logprobs],
+        entropies=[row for output in outputs for row in output.entropies],
+        num_kept=[row for output in outputs for row in output.num_kept],
+        finished_by_stop=[flag for output in outputs for flag in output.finished_by_stop],
+        prefill_seconds=sum(output.prefill_seconds for output in outputs),
+        decode_seconds=sum(output.decode_seconds for output in outputs),
+        sampler_seconds=sum(output.sampler_seconds for output in outputs),
+        sampler_calls=sum(output.sampler_calls for output in outputs),
+        target_forwards=sum(output.target_forwards for output in outputs),
+        draft_forwards=sum(output.draft_forwards for output in outputs),
+        stats=stats,
+    )
 
 
 class Decoder(Protocol):
@@ -148,10 +176,15 @@ def fit_prompts(
     if limit is None:
         return prompt_ids
     room = limit - max_new_tokens
+    if room < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} is invalid for this model: prompt + new tokens must fit its "
+            f"context of {limit} tokens"
+        )
     too_long = [i for i, p in enumerate(prompt_ids) if len(p) > room]
     if not too_long:
         return prompt_ids
-    if not truncate or room < 1:
+    if not truncate:
         raise ValueError(
             f"prompt(s) {too_long} do not fit: prompt + max_new_tokens={max_new_tokens} exceeds the model's "
             f"context of {limit} tokens (set truncate_prompts=true to keep each prompt's last {room} tokens)"

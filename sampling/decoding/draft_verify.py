@@ -208,7 +208,7 @@ class DraftVerifyDecoder:
             finished_by_stop=[False] * batch,
         )
         finished = [False] * batch
-        tally = _Tally(self.num_draft_tokens)
+        tally = _Tally()
 
         start = time.perf_counter()
         if width > 1:
@@ -223,11 +223,10 @@ class DraftVerifyDecoder:
             round_gamma = max(1, min(gamma, room - 1)) if room > 1 else 0
             tick = time.perf_counter()
             drafts = self.propose(model, state, round_gamma) if round_gamma else _no_drafts(batch, device)
-            tally.draft_seconds += time.perf_counter() - tick
+            tally.add("draft_seconds", time.perf_counter() - tick)
             tick = time.perf_counter()
             logits = self.score(model, state, drafts)
-            tally.target_seconds += time.perf_counter() - tick
-            tally.target_forwards += 1
+            tally.add("verify_seconds", time.perf_counter() - tick)
             out.target_forwards += 1
             tick = time.perf_counter()
             probs = state.distributions(logits, drafts.tokens)
@@ -237,7 +236,7 @@ class DraftVerifyDecoder:
 
             active = torch.tensor([not f for f in finished], device=device)
             accepted = torch.where(active, verdict.accepted, 0)
-            tally.record(drafts, verdict, active)
+            tally.record(drafts, verdict, active, round_gamma)
             self._emit(out, finished, stops, max_new_tokens, drafts, verdict, logits, probs, state)
 
             kept = int(accepted.max())
@@ -252,10 +251,10 @@ class DraftVerifyDecoder:
             if self.adaptive and round_gamma:
                 all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
                 gamma = gamma + 2 if all_passed else max(1, gamma - 1)
-            tally.gammas.append(round_gamma)
         out.decode_seconds = time.perf_counter() - start - out.prefill_seconds
-        out.draft_forwards = tally.draft_forwards = state.draft_forwards
-        out.stats = tally.summary(out)
+        out.draft_forwards = state.draft_forwards
+        tally.add("draft_steps", state.draft_forwards)
+        out.stats = tally.counts
         return out
 
     def _emit(
@@ -304,69 +303,42 @@ def _no_drafts(batch: int, device: torch.device) -> Drafts:
 
 @dataclass
 class _Tally:
-    """Accounting across rounds (active rows only)."""
+    """Additive accounting across rounds (active rows only); rates come from `derive_rates`."""
 
-    max_gamma: int
-    drafted: int = 0
-    verified: int = 0
-    accepted: int = 0
-    overlap_sum: float = 0.0
-    rows_rounds: int = 0
-    emitted: int = 0
-    draft_forwards: int = 0
-    target_forwards: int = 0
-    draft_seconds: float = 0.0
-    target_seconds: float = 0.0
-    gammas: list[int] = field(default_factory=list)
-    reached: list[int] = field(default_factory=list)
-    passed: list[int] = field(default_factory=list)
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNT_KEYS, 0.0))
 
-    def record(self, drafts: Drafts, verdict: Verdict, active: torch.Tensor) -> None:
+    def add(self, key: str, value: float | torch.Tensor) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + float(value)
+
+    def record(self, drafts: Drafts, verdict: Verdict, active: torch.Tensor, gamma: int) -> None:
         lengths = torch.where(active, drafts.lengths, 0)
         accepted = torch.where(active, verdict.accepted, 0)
         verified = torch.minimum(accepted + 1, lengths)
-        self.drafted += int(lengths.sum())
-        self.accepted += int(accepted.sum())
-        self.verified += int(verified.sum())
         columns = torch.arange(drafts.tokens.shape[1], device=lengths.device)
         reached = columns < verified.unsqueeze(1)
-        self.overlap_sum += float(verdict.overlap[reached].sum())
-        self.rows_rounds += int(active.sum())
-        self.emitted += int((accepted + 1)[active].sum())
-        width = drafts.tokens.shape[1]
-        while len(self.reached) < width:
-            self.reached.append(0)
-            self.passed.append(0)
-        for i in range(width):
-            self.reached[i] += int(reached[:, i].sum())
-            self.passed[i] += int((reached[:, i] & (accepted > i)).sum())
-
-    def summary(self, out: GenerationOutput) -> dict[str, float]:
-        alpha = self.accepted / self.verified if self.verified else 0.0
-        gamma = sum(self.gammas) / len(self.gammas) if self.gammas else 0.0
-        draft_step = self.draft_seconds / self.draft_forwards if self.draft_forwards else 0.0
-        target_step = self.target_seconds / self.target_forwards if self.target_forwards else 0.0
-        cost = draft_step / target_step if target_step else 0.0
-        stats = {
-            "drafted_tokens": float(self.drafted),
-            "accepted_tokens": float(self.accepted),
-            "acceptance_rate": alpha,
-            "analytic_acceptance": self.overlap_sum / self.verified if self.verified else 0.0,
-            "tokens_per_target_forward": self.emitted / self.rows_rounds if self.rows_rounds else 0.0,
-            "cost_ratio": cost,
-            "mean_num_draft_tokens": gamma,
-            "predicted_speedup": predicted_speedup(alpha, gamma, cost),
-            "draft_seconds": self.draft_seconds,
-            "verify_seconds": self.target_seconds,
-        }
-        for i, (reached, passed) in enumerate(zip(self.reached, self.passed, strict=True)):
-            stats[f"acceptance_rate_pos{i + 1}"] = passed / reached if reached else 0.0
-        return stats
+        self.add("rounds", 1)
+        self.add("draft_tokens_offered", gamma)
+        self.add("drafted_tokens", lengths.sum())
+        self.add("accepted_tokens", accepted.sum())
+        self.add("verified_tokens", verified.sum())
+        self.add("overlap_sum", verdict.overlap[reached].sum())
+        self.add("row_rounds", active.sum())
+        self.add("emitted_tokens", (accepted + 1)[active].sum())
+        for i in range(drafts.tokens.shape[1]):
+            self.add(f"reached_pos{i + 1}", reached[:, i].sum())
+            self.add(f"passed_pos{i + 1}", (reached[:, i] & (accepted > i)).sum())
 
 
-def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
-    """Leviathan et al.'s expected walltime improvement (1 − α^{γ+1}) / ((1 − α)(γc + 1))."""
-    if gamma <= 0:
-        return 1.0
-    tokens_per_round = gamma + 1 if alpha >= 1.0 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens_per_round / (gamma * cost_ratio + 1)
+_COUNT_KEYS = (
+    "rounds",
+    "draft_tokens_offered",
+    "drafted_tokens",
+    "accepted_tokens",
+    "verified_tokens",
+    "overlap_sum",
+    "row_rounds",
+    "emitted_tokens",
+    "draft_steps",
+    "draft_seconds",
+    "verify_seconds",
+)
