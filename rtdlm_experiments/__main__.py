@@ -36,6 +36,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     spec = None
     try:
         spec = app.prepare_job(cfg)
+        if finished := _finished_earlier(cfg, spec, sweep_dir):
+            return _reuse(cfg, spec, job, finished, tracking_uri)
         result = app.run_job(spec, progress_factory=_progress_bar)
     except Exception as err:
         if isinstance(err, ConfigError) and hydra_cfg.mode == RunMode.RUN:
@@ -52,6 +54,25 @@ def main(cfg: DictConfig) -> dict[str, float]:
     run = tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir) if tracked else None
     print(format_summary(record, job_dir, run, cfg.experiment_name))
     return result.metrics
+
+
+def _finished_earlier(cfg: DictConfig, spec: app.JobSpec, sweep_dir: Path | None) -> dict[str, Any] | None:
+    """This job's FINISHED run from an earlier attempt, when its sweep resumes a parent run."""
+    if sweep_dir is None:
+        return None
+    return tracking.finished_job(sweep_dir, app.config_hash(app.resolved_config(cfg, spec)))
+
+
+def _reuse(
+    cfg: DictConfig, spec: app.JobSpec, job: app.JobMeta, finished: dict[str, Any], tracking_uri: str | None
+) -> dict[str, float]:
+    """A resumed sweep's job that already FINISHED: record that (no new run) instead of generating."""
+    record = app.reused_record(app.resolved_config(cfg, spec), job, tracking_uri, finished)
+    job_dir = Path(job.output_dir)
+    tracking.save_job(job_dir, record, [])
+    tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, Path(job.sweep_dir))
+    print(f"== {job.run_name} | already FINISHED as MLflow run {finished['run_id']}: not rerun")
+    return record["metrics"]
 
 
 def job_meta(hydra_cfg: DictConfig) -> app.JobMeta:

@@ -132,6 +132,9 @@ class TrackingSchema:
 
     backend: str = "mlflow"
     uri: str | None = None
+    parent_run_id: str | None = None
+    """Resume this sweep parent run: its FINISHED jobs (same config hash) are skipped, the others run and
+    are logged under it. Set by `rtdlm_experiments.schedule`; multiruns only."""
 
 
 @dataclass

@@ -7,8 +7,11 @@ uploads saved results later, from the same files and with the same code as the l
 A multirun is one parent run with one child run per job. `TrackingCallback` (registered in
 ``conf/config.yaml``) creates the store, the experiment and the parent run in the launching process
 before any job starts, records them in ``<sweep dir>/sweep.json`` (which every job reads, whatever
-launcher runs it) and ends the parent FINISHED or FAILED, with a summary table and plot, when the
-sweep ends, also when Hydra aborts it after a failed job.
+launcher runs it: joblib workers, submitit/Slurm jobs) and ends the parent FINISHED or FAILED, with a
+summary table and plot, when the sweep ends, also when Hydra aborts it after a failed job.
+
+With ``tracking.parent_run_id=<id>`` a multirun resumes an existing parent instead: the jobs whose child
+runs already FINISHED (same config hash) are not rerun, and the others are logged under that parent.
 
 MLflow is imported lazily: its import costs seconds and starts its telemetry, which is switched off
 first (see `_MLFLOW_ENV_DEFAULTS`).
@@ -38,6 +41,7 @@ from rtdlm_experiments.schema import output_root
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.entities import Run
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,10 @@ _GENERATIONS_TABLE_COLUMNS = (
 
 class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached or written."""
+
+
+CONFIG_HASH_TAG = "config_hash"
+"""Tag of every job run: `rtdlm_experiments.app.config_hash` of its resolved config."""
 
 
 # --- connecting ---------------------------------------------------------------------------------------
@@ -175,13 +183,18 @@ def log_job(
     generations as an MLflow table, the result files and the config (resolved + Hydra's) as artifacts.
 
     The run ends FINISHED for a completed job and FAILED for a failed one; on an upload error it is
-    marked FAILED and the error propagates.
+    marked FAILED and the error propagates. A job a resumed sweep reused (``reused_run_id`` in its
+    record) is already in the store: it is only marked as logged, never uploaded twice.
     """
     from mlflow.entities import Metric, Param, RunStatus
 
     from rtdlm_experiments.app import flatten_config
 
     record, generations = load_job(job_dir)
+    if reused_run_id := record.get("reused_run_id"):
+        return _mark_logged(
+            job_dir, TrackedRun(client.tracking_uri, experiment_id, reused_run_id, parent_run_id)
+        )
     run = client.create_run(
         experiment_id,
         start_time=record["job"].get("started_at_ms"),
@@ -214,7 +227,10 @@ def log_job(
         raise
     status = RunStatus.FINISHED if record.get("status") == "COMPLETED" else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status), end_time=record.get("ended_at_ms"))
-    tracked = TrackedRun(client.tracking_uri, experiment_id, run_id, parent_run_id)
+    return _mark_logged(job_dir, TrackedRun(client.tracking_uri, experiment_id, run_id, parent_run_id))
+
+
+def _mark_logged(job_dir: Path, tracked: TrackedRun) -> TrackedRun:
     (job_dir / LOGGED_FILE).write_text(json.dumps(tracked.__dict__, indent=2) + "\n", encoding="utf-8")
     return tracked
 
@@ -228,7 +244,7 @@ def _run_tags(record: Mapping[str, Any], parent_run_id: str | None) -> dict[str,
         "hydra.overrides": " ".join(job.get("overrides", [])),
         "hydra.job_num": str(job.get("num", "")),
         "output_dir": str(job.get("output_dir", "")),
-        "config_hash": str(record.get("config_hash", "")),
+        CONFIG_HASH_TAG: str(record.get("config_hash", "")),
         "device": str(environment.get("device", "")),
         "dtype": str(environment.get("dtype", "")),
         "git_sha": str(environment.get("git_sha", "")),
@@ -306,6 +322,130 @@ def start_sweep(client: MlflowClient, experiment_id: str, run_name: str, tags: M
     return client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
 
 
+def child_runs(client: MlflowClient, parent: Run) -> list[Run]:
+    """The live (not deleted) child runs of a sweep's parent run, oldest first."""
+    filter_string = f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    return _search_all(client, parent.info.experiment_id, filter_string)
+
+
+def finished_jobs(client: MlflowClient, parent: Run) -> dict[str, dict[str, Any]]:
+    """The FINISHED children of a sweep, by config hash: ``{hash: {"run_id", "run_name", "metrics"}}``.
+
+    What a resumed sweep skips and what a drift check compares; when a config ran twice, the latest wins.
+    """
+    return {
+        run.data.tags[CONFIG_HASH_TAG]: {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "metrics": dict(run.data.metrics),
+        }
+        for run in child_runs(client, parent)
+        if run.info.status == "FINISHED" and run.data.tags.get(CONFIG_HASH_TAG)
+    }
+
+
+def resume_sweep(
+    client: MlflowClient, parent_run_id: str, tags: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
+    """Reopen an existing sweep parent for another attempt; returns its ``sweep.json`` ``mlflow`` entry
+    and its finished jobs (`finished_jobs`).
+
+    Children that did not finish (FAILED, or left RUNNING by a killed job) are soft-deleted: their job
+    runs again in this attempt, and the parent keeps one child per job. ``mlflow gc`` has not removed
+    them until someone runs it, so ``MlflowClient.restore_run`` can still bring one back.
+    """
+    from rtdlm_experiments.report import JOB_TAG
+    from rtdlm_experiments.schema import ConfigError
+
+    parent = find_run(client, parent_run_id)
+    if parent is None or parent.info.lifecycle_stage != "active":
+        raise ConfigError(
+            f"tracking.parent_run_id={parent_run_id!r} is invalid: no such run at {client.tracking_uri}"
+        )
+    if parent.data.tags.get(JOB_TAG) or parent.data.tags.get("mlflow.parentRunId"):
+        raise ConfigError(f"tracking.parent_run_id={parent_run_id!r} is invalid: a job run, not a sweep's")
+    finished = finished_jobs(client, parent)
+    for child in child_runs(client, parent):
+        if child.info.status != "FINISHED":
+            client.delete_run(child.info.run_id)
+    client.update_run(parent_run_id, status="RUNNING")
+    for key, value in tags.items():
+        client.set_tag(parent_run_id, key, value)
+    mlflow = {
+        "tracking_uri": client.tracking_uri,
+        "experiment_id": parent.info.experiment_id,
+        "parent_run_id": parent_run_id,
+    }
+    return mlflow, finished
+
+
+def finished_job(sweep_dir: Path, config_hash: str) -> dict[str, Any] | None:
+    """The earlier FINISHED run of a job with this config hash, when its sweep resumes a parent run."""
+    return ((read_sweep_info(sweep_dir) or {}).get("finished_jobs") or {}).get(config_hash)
+
+
+def find_run(client: MlflowClient, run_id: str) -> Run | None:
+    """The run ``run_id``, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def search_runs_by_tag(
+    client: MlflowClient, experiment_id: str, tags: Mapping[str, str], max_results: int = 100
+) -> list[Run]:
+    """Live runs of an experiment carrying every tag of ``tags`` (exact values), newest first."""
+    if any("'" in value or "`" in key for key, value in tags.items()):
+        raise ValueError(f"tags to search by cannot contain quotes: {dict(tags)}")
+    filter_string = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs(
+        [experiment_id], filter_string, max_results=max_results, order_by=["attributes.start_time DESC"]
+    )
+    return list(runs)
+
+
+def _search_all(client: MlflowClient, experiment_id: str, filter_string: str) -> list[Run]:
+    """Every live run matching ``filter_string``, oldest first."""
+    runs: list[Run] = []
+    page_token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string, order_by=["attributes.start_time ASC"], page_token=page_token
+        )
+        runs.extend(page)
+        page_token = page.token
+        if not page_token:
+            return runs
+
+
+def end_if_running(client: MlflowClient, run_id: str) -> bool:
+    """End ``run_id`` FAILED if it is still RUNNING (its sweep was killed before it could end it); returns
+    whether it was."""
+    from mlflow.entities import RunStatus
+
+    if client.get_run(run_id).info.status != "RUNNING":
+        return False
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+    return True
+
+
+def attach_files(
+    client: MlflowClient,
+    run_id: str,
+    paths: Sequence[Path],
+    tags: Mapping[str, str],
+    artifact_path: str | None = None,
+) -> None:
+    """Add tags and artifacts to a run, also an ended one (a sweep's parent after its jobs)."""
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
 def sweep_failed(sweep_dir: Path) -> bool:
     """Whether some job of the sweep failed: a FAILED record, or a job folder Hydra made without one."""
     launched = [path.parent for path in sweep_dir.glob("*/.hydra")]
@@ -345,7 +485,8 @@ class TrackingCallback(Callback):
 
     Hydra 1.3 skips ``on_multirun_end`` when a job fails (the sweeper re-raises the job's error), so the
     end is also registered with `atexit`; whichever runs first ends the parent, with FAILED if any
-    job failed. Single runs need nothing from here: the job logs its own run.
+    job failed. Single runs need nothing from here: the job logs its own run. With
+    ``tracking.parent_run_id`` the parent is an existing one, reopened by `resume_sweep`.
     """
 
     def __init__(self) -> None:
@@ -362,15 +503,19 @@ class TrackingCallback(Callback):
         info: dict[str, Any] = {
             "name": name,
             "run_name": f"{name}-{sweep_dir.name}",
-            "swept_keys": swept + list(config.hydra.sweeper.get("params") or {}),
+            "swept_keys": list(dict.fromkeys(swept + list(config.hydra.sweeper.get("params") or {}))),
             "mlflow": None,
         }
-        if config.tracking.backend == "mlflow":
+        tags = {"sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(config.hydra.overrides.task)}
+        if config.tracking.backend == "mlflow" and config.tracking.get("parent_run_id"):
+            # No fallback to an untracked sweep here: resuming blind would rerun the finished jobs.
+            client = mlflow_client(resolve_tracking_uri(config.tracking.uri))
+            info["mlflow"], info["finished_jobs"] = resume_sweep(client, config.tracking.parent_run_id, tags)
+        elif config.tracking.backend == "mlflow":
             uri = resolve_tracking_uri(config.tracking.uri)
             try:
                 client = mlflow_client(uri)
                 experiment_id = ensure_experiment(client, config.experiment_name)
-                tags = {"sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(config.hydra.overrides.task)}
                 parent_run_id = start_sweep(client, experiment_id, info["run_name"], tags)
                 info["mlflow"] = {
                     "tracking_uri": uri,
@@ -484,15 +629,7 @@ def _sync_sweep(
 
 
 def _run_exists(client: MlflowClient, run_id: str | None) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    if not run_id:
-        return False
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
+    return bool(run_id) and find_run(client, run_id) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
