@@ -34,24 +34,55 @@ def app_env(output_dir: Path, **extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def launch_app() -> AppLauncher:
-    """``launch_app(args, cwd, output_dir, **env)``: ``python -m rtdlm_experiments *args`` run from ``cwd``
-    with outputs (and the default MLflow store) in ``output_dir``; output captured as text."""
+def start_app() -> Callable[..., subprocess.Popen]:
+    """``start_app(args, cwd, output_dir, module="rtdlm_experiments", **env)``: ``python -m <module> *args``
+    started from ``cwd`` with outputs (and the default MLflow store) in ``output_dir``; returns the
+    running process, its output piped as text."""
+
+    def start(
+        args: Sequence[str], cwd: Path, output_dir: Path, module: str = "rtdlm_experiments", **env: str
+    ) -> subprocess.Popen:
+        cwd.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            env=app_env(output_dir, **env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    return start
+
+
+@pytest.fixture(scope="session")
+def launch_app(start_app: Callable[..., subprocess.Popen]) -> AppLauncher:
+    """``launch_app(args, cwd, output_dir, module="rtdlm_experiments", **env)``: `start_app`, waited for."""
 
     def launch(
         args: Sequence[str], cwd: Path, output_dir: Path, timeout: float = 180, **env: str
     ) -> subprocess.CompletedProcess:
-        cwd.mkdir(parents=True, exist_ok=True)
-        return subprocess.run(
-            [sys.executable, "-m", "rtdlm_experiments", *args],
-            cwd=cwd,
-            env=app_env(output_dir, **env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        process = start_app(args, cwd, output_dir, **env)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            raise
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     return launch
+
+
+@pytest.fixture(scope="session")
+def empty_mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow SQLite database with its tables created. Copied to ``<output dir>/mlflow.db`` before a
+    test's first app run, it spares that run the seconds MLflow's migrations take."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
 
 
 @pytest.fixture
