@@ -631,9 +631,14 @@ class HFCausalLM:
         return tensor.clone()
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        attention_mask: torch.Tensor | None = None,
+        last_positions: int | None = None,
     ) -> torch.Tensor:
-        """All layers on ``input_ids`` [B, T] appended to ``cache``; float32 logits [B, T, V].
+        """All layers on ``input_ids`` [B, T] appended to ``cache``; float32 logits [B, T, V] (or of the
+        last ``last_positions`` positions only).
 
         With ``attention_mask`` [B, past + T] (left padding) positions are ``cumsum(mask) - 1``, so each
         padded row gets the logits it would get alone.
@@ -658,7 +663,7 @@ class HFCausalLM:
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=0,
+                logits_to_keep=last_positions or 0,
             ).logits
         return self._detach(logits, torch.float32)
 

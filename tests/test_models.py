@@ -581,3 +581,12 @@ def test_early_exit_split_with_left_padding_matches_each_row_alone(tiny, exit_la
         solo_early, _ = tiny.forward_early_exit(torch.tensor([row]), solo_cache, exit_layer)
         assert torch.allclose(early[b, -len(row) :], solo_early[0], atol=1e-4)
     assert early_step.shape == (2, 1, tiny.vocab_size)
+
+
+def test_last_positions_returns_the_tail_of_the_full_logits(tiny):
+    ids = torch.tensor([[5, 6, 7, 8, 9], [1, 2, 3, 4, 5]])
+    full = tiny.forward(ids, tiny.new_cache())
+    for last in (1, 3):
+        tail = tiny.forward(ids, tiny.new_cache(), last_positions=last)
+        assert tail.shape == (2, last, tiny.vocab_size)
+        assert torch.allclose(tail, full[:, -last:], atol=1e-5)

@@ -244,3 +244,12 @@ def test_enumeration_matches_autoregressive_sampling(target):
     assert sum(joint.values()) == pytest.approx(1.0)
     assert joint_p_value(out.token_ids, joint) > 1e-3
     assert len(list(itertools.islice(joint, 3))) == 3
+
+
+def test_sparse_race_draws_the_same_token_as_the_dense_race():
+    probs = torch.softmax(torch.randn(64, 5000, generator=torch.Generator().manual_seed(0)) * 3, dim=1)
+    probs[probs < 1e-3] = 0.0
+    probs /= probs.sum(1, keepdim=True)
+    seeds, steps = torch.arange(64), torch.full((64,), 5)
+    dense = draft_verify.noise.race_argmax(torch.log(probs), draft_verify.noise.row_keys(seeds, steps, 1))
+    assert torch.equal(draft_verify.sample_from_probs(probs, seeds, steps, stream=1), dense)

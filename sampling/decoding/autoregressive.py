@@ -54,7 +54,7 @@ class AutoregressiveDecoder:
         start = time.perf_counter()
         input_ids = history[:, :width].clamp(min=0)
         for step in range(max_new_tokens):
-            logits = model.forward(input_ids, cache, attention_mask)[:, -1]
+            logits = model.forward(input_ids, cache, attention_mask, last_positions=1)[:, -1]
             if step == 0:
                 prefill_seconds = time.perf_counter() - start
             tick = time.perf_counter()

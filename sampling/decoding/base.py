@@ -40,9 +40,14 @@ class CausalLM(Protocol):
         ...
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        cache: Any,
+        attention_mask: torch.Tensor | None = None,
+        last_positions: int | None = None,
     ) -> torch.Tensor:
-        """Run all layers on ``input_ids`` [B, T] appended to ``cache``; returns logits [B, T, V]."""
+        """Run all layers on ``input_ids`` [B, T] appended to ``cache``; returns logits [B, T, V], or
+        [B, last_positions, V] for only the last positions (a prefill needs one, not T×V floats)."""
         ...
 
     def forward_early_exit(

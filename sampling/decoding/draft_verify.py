@@ -88,14 +88,24 @@ def verify_drafts(
     # A rejection with an all-zero residual has probability 0 (p = q); float noise can still get there.
     use_residual = rejected & (residual.sum(1) > 0)
     final = torch.where(use_residual.unsqueeze(1), residual, p_next)
-    keys = noise.row_keys(seeds, first_step + accepted, TARGET_STREAM)
-    next_token = noise.race_argmax(torch.log(final), keys)
+    next_token = sample_from_probs(final, seeds, first_step + accepted, TARGET_STREAM)
     return Verdict(accepted, next_token, overlap)
 
 
-def sample_from_probs(probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Draft tokens from dense probabilities [B, V], keyed by (seed, position) on the draft stream."""
-    return noise.race_argmax(torch.log(probs), noise.row_keys(seeds, steps, DRAFT_STREAM))
+def sample_from_probs(
+    probs: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor, stream: int = DRAFT_STREAM
+) -> torch.Tensor:
+    """One token per row from dense probabilities [B, V], keyed by (seed, position, stream).
+
+    The race runs over the support only (a top-k as wide as the largest support), not the vocabulary:
+    the same winner, since noise is keyed by token id and zero-probability tokens never win.
+    """
+    keys = noise.row_keys(seeds, steps, stream)
+    support = int((probs > 0).sum(dim=1).max())
+    if support * 4 > probs.shape[1]:
+        return noise.race_argmax(torch.log(probs), keys)
+    values, ids = torch.topk(probs, support, dim=1)
+    return ids.gather(1, noise.race_argmax(torch.log(values), keys, ids).unsqueeze(1)).squeeze(1)
 
 
 @dataclass
@@ -212,7 +222,12 @@ class DraftVerifyDecoder:
 
         start = time.perf_counter()
         if width > 1:
-            model.forward(tokens[:, :-1].clamp(min=0), state.target_cache, state.attention_mask[:, :-1])
+            model.forward(
+                tokens[:, :-1].clamp(min=0),
+                state.target_cache,
+                state.attention_mask[:, :-1],
+                last_positions=1,
+            )
             out.target_forwards += 1
         self.start(model, state)
         out.prefill_seconds = time.perf_counter() - start

@@ -39,7 +39,7 @@ class SpeculativeDecoder(DraftVerifyDecoder):
             self._forward(state.tokens[:, :-1], state.attention_mask[:, :-1])
 
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = self.draft_model.forward(inputs.clamp(min=0), self._cache, mask)
+        logits = self.draft_model.forward(inputs.clamp(min=0), self._cache, mask, last_positions=1)
         self._cached = mask.shape[1]
         return logits[:, -1]
 
