@@ -1,10 +1,14 @@
 """Sampler speed: ours vs HF transformers' LogitsProcessorList on identical inputs, side by side.
 
-    python benchmarks/bench_sampler.py [--vocab 151936] [--repeats 30]
+    python benchmarks/bench_sampler.py [--logits real|synthetic] [--repeats 30]
 
 Both run the same stages in the same order (``hf``: penalties → temperature → top-k → top-p → min-p)
 over a 256-token history, then draw one token per row (HF: softmax + multinomial). The floor is a
 single argmax pass over the same logits. Times are medians of alternating repeats, µs per step.
+
+``real`` logits (default) are next-token logits of Qwen2.5-Coder-0.5B (vocab 151,936) at the end of
+the bundled prompts and a few positions before it; ``synthetic`` ones are a Gaussian background with
+a decaying head of likely tokens, of any ``--vocab``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,23 @@ def llm_like_logits(batch: int, vocab: int, generator: torch.Generator) -> torch
     return logits.scatter_add_(1, head, boost.expand(batch, -1))
 
 
+def real_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch`` rows of Qwen2.5-Coder-0.5B next-token logits and the token ids before each (padded -1)."""
+    from rtdlm_experiments.models import load_model
+    from rtdlm_experiments.prompt_sets import load_prompts
+
+    model = load_model("qwen2.5-coder-0.5b", dtype="float32", device="cpu")
+    texts = [prompt.text for prompt in load_prompts({"name": "default"})]
+    rows = [model.tokenizer.encode(text) for text in texts]
+    rows = [row[: len(row) - cut] for cut in range(0, 12, 3) for row in rows if len(row) > cut + 1][:batch]
+    width = max(map(len, rows))
+    history = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        history[i, width - len(row) :] = torch.tensor(row)
+    logits = model.forward(history.clamp(min=0), model.new_cache(), (history >= 0).long(), last_positions=1)
+    return logits[:, -1].contiguous(), history
+
+
 def hf_processors(config: SamplingConfig) -> LogitsProcessorList:
     stages = LogitsProcessorList()
     if config.repetition_penalty != 1.0:
@@ -67,45 +88,66 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e6
 
 
+def time_row(
+    name: str, config: SamplingConfig, logits: torch.Tensor, history: torch.Tensor, repeats: int
+) -> str:
+    """One table row: ours, HF and the argmax floor on the same logits, measured alternately."""
+    sampler, processors = TokenSampler(config), hf_processors(config)
+    hf_history = history.clamp(min=0)  # HF has no padding notion in its processors
+
+    def ours() -> torch.Tensor:
+        return sampler.sample(logits, history).tokens
+
+    def hf() -> torch.Tensor:
+        return torch.multinomial(torch.softmax(processors(hf_history, logits.clone()), dim=-1), 1)
+
+    def floor() -> torch.Tensor:
+        return torch.argmax(logits, dim=-1)
+
+    paths = (ours, hf, floor)
+    for fn in paths:  # warm-up
+        fn()
+    rounds = [[median_us(fn, max(1, repeats // 3)) for fn in paths] for _ in range(3)]  # alternate
+    t_ours, t_hf, t_floor = (statistics.median(times) for times in zip(*rounds, strict=True))
+    return (
+        f"| {name} | {logits.shape[0]} | {t_ours:,.0f} | {t_hf:,.0f} | {t_hf / t_ours:.1f}× | "
+        f"{t_floor:,.0f} | {t_ours / t_floor:.1f}× |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=151_936)
+    parser.add_argument("--logits", choices=["real", "synthetic"], default="real")
+    parser.add_argument("--vocab", type=int, default=151_936, help="synthetic logits only")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"# vocab {args.vocab}, history 256 tokens, µs per step (median of {args.repeats})\n")
+    generator = torch.Generator().manual_seed(0)
+    if args.logits == "real":
+        all_logits, all_history = real_logits(max(args.batches))
+        all_history = torch.cat(
+            [
+                all_history,
+                torch.randint(0, all_logits.shape[1], (len(all_history), 256), generator=generator),
+            ],
+            dim=1,
+        )[:, -256:]
+    else:
+        all_logits = llm_like_logits(max(args.batches), args.vocab, generator)
+        all_history = torch.randint(0, args.vocab, (max(args.batches), 256), generator=generator)
+    print(
+        f"# Sampler, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        f"# {args.logits} logits, vocab {all_logits.shape[1]:,}, history 256 tokens, "
+        f"µs per step (median of {args.repeats})\n"
+    )
     print("| config | B | ours µs | HF µs | HF/ours | argmax floor µs | ours/floor |")
     print("|---|---|---|---|---|---|---|")
-    generator = torch.Generator().manual_seed(0)
     for batch in args.batches:
-        logits = llm_like_logits(batch, args.vocab, generator)
-        history = torch.randint(0, args.vocab, (batch, 256), generator=generator)
         for name, config in CONFIGS.items():
-            sampler = TokenSampler(config)
-            processors = hf_processors(config)
-
-            def ours(sampler=sampler) -> torch.Tensor:
-                return sampler.sample(logits, history).tokens
-
-            def hf(processors=processors) -> torch.Tensor:
-                scores = processors(history, logits.clone())
-                return torch.multinomial(torch.softmax(scores, dim=-1), 1)
-
-            def floor() -> torch.Tensor:
-                return torch.argmax(logits, dim=-1)
-
-            for fn in (ours, hf, floor):  # warm-up
-                fn()
-            ours_times, hf_times, floor_times = [], [], []
-            for _ in range(3):  # alternate so drift hits both equally
-                ours_times.append(median_us(ours, args.repeats // 3 or 1))
-                hf_times.append(median_us(hf, args.repeats // 3 or 1))
-                floor_times.append(median_us(floor, args.repeats // 3 or 1))
-            t_ours, t_hf, t_floor = (statistics.median(t) for t in (ours_times, hf_times, floor_times))
-            print(f"| {name} | {batch} | {t_ours:,.0f} | {t_hf:,.0f} | {t_hf / t_ours:.1f}× | {t_floor:,.0f} | "
-                  f"{t_ours / t_floor:.1f}× |")
+            print(time_row(name, config, all_logits[:batch], all_history[:batch], args.repeats), flush=True)
 
 
 if __name__ == "__main__":
