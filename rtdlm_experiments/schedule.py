@@ -307,6 +307,7 @@ def schedule(
 
 
 def _parser() -> argparse.ArgumentParser:
+    defaults = ", ".join(f"{metric}={tolerance}" for metric, tolerance in drift.DEFAULT_TOLERANCES.items())
     parser = argparse.ArgumentParser(
         prog="python -m rtdlm_experiments.schedule",
         description="Run a sweep preset from conf/sweep/ unattended: locked, idempotent, resumable, "
@@ -326,7 +327,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="METRIC=TOL",
         help="drift tolerance of a metric: ABS, REL%%, ABS+REL%% or off (e.g. distinct_2=0.02, "
         "tokens_per_second=25%%); repeatable; overrides --tolerances and the defaults: "
-        + ", ".join(f"{metric}={tolerance}" for metric, tolerance in drift.DEFAULT_TOLERANCES.items()),
+        + defaults.replace("%", "%%"),  # argparse %-formats help texts
     )
     parser.add_argument("--tolerances", type=Path, metavar="FILE", help="YAML file of METRIC: TOL")
     return parser

@@ -314,6 +314,14 @@ def test_bad_arguments_exit_2_before_anything_runs(
     assert not (tmp_path / schedule.LOCK_FILE).exists()
 
 
+def test_help_lists_the_default_tolerances_and_exit_codes(capsys: pytest.CaptureFixture):
+    with pytest.raises(SystemExit) as exit_:
+        schedule.main(["--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "tokens_per_second=25%" in text and "75 another scheduled sweep is running" in text
+
+
 def test_default_key_is_the_sweep_and_the_date():
     import datetime
 
