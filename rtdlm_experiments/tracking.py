@@ -351,8 +351,8 @@ def resume_sweep(
     and its finished jobs (`finished_jobs`).
 
     Children that did not finish (FAILED, or left RUNNING by a killed job) are soft-deleted: their job
-    runs again in this attempt, and the parent keeps one child per job. ``mlflow gc`` has not removed
-    them until someone runs it, so ``MlflowClient.restore_run`` can still bring one back.
+    runs again in this attempt, and the parent keeps one child per job. A soft-deleted run stays in the
+    store until someone runs ``mlflow gc``; ``MlflowClient.restore_run`` brings it back.
     """
     from rtdlm_experiments.report import JOB_TAG
     from rtdlm_experiments.schema import ConfigError
@@ -363,7 +363,9 @@ def resume_sweep(
             f"tracking.parent_run_id={parent_run_id!r} is invalid: no such run at {client.tracking_uri}"
         )
     if parent.data.tags.get(JOB_TAG) or parent.data.tags.get("mlflow.parentRunId"):
-        raise ConfigError(f"tracking.parent_run_id={parent_run_id!r} is invalid: a job run, not a sweep's")
+        raise ConfigError(
+            f"tracking.parent_run_id={parent_run_id!r} is invalid: a job's run, not a sweep's parent"
+        )
     finished = finished_jobs(client, parent)
     for child in child_runs(client, parent):
         if child.info.status != "FINISHED":

@@ -18,7 +18,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from rtdlm_experiments import drift, schedule
+from rtdlm_experiments import drift, report, schedule, tracking
+from rtdlm_experiments.schema import ConfigError
 
 # --- one history of scheduled sweeps, run once for the module -----------------------------------------
 
@@ -312,6 +313,18 @@ def test_bad_arguments_exit_2_before_anything_runs(
     assert exit_.value.code == schedule.EXIT_USAGE
     assert message in capsys.readouterr().err
     assert not (tmp_path / schedule.LOCK_FILE).exists()
+
+
+def test_resuming_needs_an_existing_sweep_parent(empty_mlflow_store: Path, tmp_path: Path):
+    shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")
+    client = tracking.mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.ensure_experiment(client, "resume")
+    with pytest.raises(ConfigError, match=r"parent_run_id='0+' is invalid: no such run"):
+        tracking.resume_sweep(client, "0" * 32, {})
+    parent_id = tracking.start_sweep(client, experiment_id, "sweep", {})
+    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, report.JOB_TAG: "true"})
+    with pytest.raises(ConfigError, match="a job's run, not a sweep's parent"):
+        tracking.resume_sweep(client, job.info.run_id, {})
 
 
 def test_help_lists_the_default_tolerances_and_exit_codes(capsys: pytest.CaptureFixture):
