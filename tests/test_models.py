@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from rtdlm_experiments.models import (
     load_model,
     loading,
     prepare_gguf_model,
+    registry,
     validate_model_config,
 )
 from sampling.decoding.base import CausalLM
@@ -395,6 +397,13 @@ def test_models_are_cached_per_spec_dtype_device():
     assert load_model({"name": "tiny-random", "num_layers": 3}) is not a
     clear_model_cache()
     assert load_model("tiny-random") is not a
+
+
+def test_every_source_has_a_loader_a_check_and_an_override_rule():
+    sources = set(get_args(models.SourceKind))
+    assert {spec.source for spec in MODELS.values()} == sources
+    assert set(loading._LOADERS) == set(registry._AVAILABILITY_CHECKS) == sources
+    assert set(registry._OVERRIDE_CHANGES) == set(registry._OVERRIDABLE) == sources
 
 
 def test_explicit_arguments_override_the_mapping():
