@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -21,9 +22,12 @@ from rtdlm_experiments.models import (
     build_tiny_random,
     clear_model_cache,
     find_part_files,
+    gguf,
     join_and_verify,
     load_model,
+    loading,
     prepare_gguf_model,
+    registry,
     validate_model_config,
 )
 from sampling.decoding.base import CausalLM
@@ -378,9 +382,10 @@ def test_validate_loads_nothing(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("validate_model_config must not load")
 
-    monkeypatch.setattr(models, "build_tiny_random", boom)
-    monkeypatch.setattr(models, "_load_hf_dir", boom)
-    monkeypatch.setattr(models, "prepare_gguf_model", boom)
+    monkeypatch.setattr(loading, "build_tiny_random", boom)
+    monkeypatch.setattr(loading, "load_hf_dir", boom)
+    monkeypatch.setattr(loading, "prepare_gguf_model", boom)
+    monkeypatch.setattr(gguf, "_convert_gguf", boom)
     for name in ("tiny-random", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"):
         assert validate_model_config({"name": name, "dtype": "bfloat16", "device": "auto"}).name == name
 
@@ -392,6 +397,13 @@ def test_models_are_cached_per_spec_dtype_device():
     assert load_model({"name": "tiny-random", "num_layers": 3}) is not a
     clear_model_cache()
     assert load_model("tiny-random") is not a
+
+
+def test_every_source_has_a_loader_a_check_and_an_override_rule():
+    sources = set(get_args(models.SourceKind))
+    assert {spec.source for spec in MODELS.values()} == sources
+    assert set(loading._LOADERS) == set(registry._AVAILABILITY_CHECKS) == sources
+    assert set(registry._OVERRIDE_CHANGES) == set(registry._OVERRIDABLE) == sources
 
 
 def test_explicit_arguments_override_the_mapping():
@@ -446,8 +458,8 @@ def cache_env(tmp_path, monkeypatch) -> Path:
 
 def test_hash_mismatch_caches_nothing(tmp_path, cache_env, monkeypatch):
     parts, _ = fake_parts(tmp_path)
-    monkeypatch.setattr(models, "find_part_files", lambda spec: parts)
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("must not convert a corrupt file"))
+    monkeypatch.setattr(gguf, "find_part_files", lambda spec: parts)
+    monkeypatch.setattr(gguf, "_convert_gguf", lambda *a: pytest.fail("must not convert a corrupt file"))
     with pytest.raises(ModelPreparationError, match="expected " + "0" * 64):
         prepare_gguf_model(fake_spec("0" * 64), progress=False)
     assert list(cache_env.iterdir()) == []
@@ -455,13 +467,13 @@ def test_hash_mismatch_caches_nothing(tmp_path, cache_env, monkeypatch):
 
 def test_failed_preparation_leaves_no_cache(tmp_path, cache_env, monkeypatch):
     parts, sha = fake_parts(tmp_path)
-    monkeypatch.setattr(models, "find_part_files", lambda spec: parts)
+    monkeypatch.setattr(gguf, "find_part_files", lambda spec: parts)
 
     def half_then_fail(gguf_path: Path, out_dir: Path) -> None:
         (out_dir / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(models, "_convert_gguf", half_then_fail)
+    monkeypatch.setattr(gguf, "_convert_gguf", half_then_fail)
     with pytest.raises(RuntimeError, match="interrupted"):
         prepare_gguf_model(fake_spec(sha), progress=False)
     assert list(cache_env.iterdir()) == []
@@ -469,27 +481,27 @@ def test_failed_preparation_leaves_no_cache(tmp_path, cache_env, monkeypatch):
 
 def test_successful_preparation_is_atomic_and_reused(tmp_path, cache_env, monkeypatch):
     parts, sha = fake_parts(tmp_path)
-    monkeypatch.setattr(models, "find_part_files", lambda spec: parts)
+    monkeypatch.setattr(gguf, "find_part_files", lambda spec: parts)
     seen = {}
 
     def convert(gguf_path: Path, out_dir: Path) -> None:
         seen["gguf"] = gguf_path.read_bytes()
         (out_dir / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf, "_convert_gguf", convert)
     final = prepare_gguf_model(fake_spec(sha), progress=False)
     assert final == cache_env / f"fake-{sha[:12]}"
     assert seen["gguf"] == b"".join(p.read_bytes() for p in parts)
     assert list(cache_env.iterdir()) == [final]  # no temp dir, no joined GGUF left behind
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "rtdlm_model.json"]
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("prepared twice"))
+    monkeypatch.setattr(gguf, "_convert_gguf", lambda *a: pytest.fail("prepared twice"))
     assert prepare_gguf_model(fake_spec(sha), progress=False) == final
 
 
 def test_stale_work_dirs_of_killed_preparations_are_removed(tmp_path, cache_env, monkeypatch):
     parts, sha = fake_parts(tmp_path)
-    monkeypatch.setattr(models, "find_part_files", lambda spec: parts)
-    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out: (out / "w").write_bytes(b"w"))
+    monkeypatch.setattr(gguf, "find_part_files", lambda spec: parts)
+    monkeypatch.setattr(gguf, "_convert_gguf", lambda gguf_path, out: (out / "w").write_bytes(b"w"))
     final = models.cache_dir_for(fake_spec(sha))
     stale, fresh = final.parent / f".{final.name}.tmp-old", final.parent / f".{final.name}.tmp-new"
     for work in (stale, fresh):
