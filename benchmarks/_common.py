@@ -19,6 +19,8 @@ import torch
 
 from rtdlm_experiments.models import HFCausalLM
 from sampling import ORDERS, SamplingConfig
+from sampling._numeric import ratio as ratio  # re-exported: the bench scripts import it from here
+from sampling.decoding.base import left_pad
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models load from the local cache only; never the hub
 
@@ -132,12 +134,8 @@ def hf_generate(
     """
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, prompt in enumerate(prompt_ids):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = left_pad(prompt_ids, pad)
+    width = input_ids.shape[1]
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.model.generate(
@@ -173,8 +171,8 @@ class Result:
         return sum(len(row) for row in self.token_ids)
 
 
-Path = Callable[[int], Result]
-"""One way to generate for a fixed set of prompts, given ``max_new_tokens``."""
+GenerationPath = Callable[[int], Result]
+"""One way to generate for a fixed set of prompts (ours, HF, ...), given ``max_new_tokens``."""
 
 
 @dataclass
@@ -207,7 +205,7 @@ class Timing:
 
 
 def time_alternately(
-    paths: dict[str, Path], max_new_tokens: int, repeats: int, warmup_tokens: int = 4
+    paths: dict[str, GenerationPath], max_new_tokens: int, repeats: int, warmup_tokens: int = 4
 ) -> dict[str, Timing]:
     """Warm each path up once (``warmup_tokens`` new tokens), then time ``repeats`` rounds of every path in
     turn (a, b, c, a, b, c, ...) so drift in machine load hits all of them alike. Progress goes to stderr.
@@ -239,7 +237,7 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _guarded(timing: Timing, path: Path, max_new_tokens: int) -> Result | None:
+def _guarded(timing: Timing, path: GenerationPath, max_new_tokens: int) -> Result | None:
     try:
         return path(max_new_tokens)
     except Exception as error:  # a broken decoder must not sink a long benchmark run
@@ -267,11 +265,8 @@ def fmt(value: float, digits: int = 2, suffix: str = "") -> str:
     return "n/a" if value != value else f"{value:.{digits}f}{suffix}"
 
 
-def ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator and denominator == denominator else float("nan")
-
-
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A GitHub-flavoured markdown table of already formatted cells."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)

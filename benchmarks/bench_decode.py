@@ -31,7 +31,7 @@ import torch
 from _common import (
     DTYPE_SHORT,
     PROMPTS,
-    Path,
+    GenerationPath,
     Result,
     Timing,
     encode_prompts,
@@ -61,12 +61,12 @@ def batch_prompts(batch: int) -> list[str]:
     return [mixed[i % len(mixed)] for i in range(batch)]
 
 
-def ours(model: HFCausalLM, prompts: list[list[int]], config: SamplingConfig) -> Path:
+def ours(model: HFCausalLM, prompts: list[list[int]], config: SamplingConfig) -> GenerationPath:
     decoder = AutoregressiveDecoder()
     return lambda n: Result(decoder.generate(model, prompts, config, n).token_ids)
 
 
-def hf(model: HFCausalLM, prompts: list[list[int]], config: SamplingConfig) -> Path:
+def hf(model: HFCausalLM, prompts: list[list[int]], config: SamplingConfig) -> GenerationPath:
     return lambda n: Result(hf_generate(model, prompts, config, n, seed=config.seed or 0))
 
 

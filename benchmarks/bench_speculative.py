@@ -49,7 +49,7 @@ import torch
 from _common import (
     DTYPE_SHORT,
     PROMPTS,
-    Path,
+    GenerationPath,
     Result,
     Timing,
     encode_prompts,
@@ -106,8 +106,8 @@ class Variant:
 
     decoder: str
     setting: str
-    ours: Path
-    hf: Path
+    ours: GenerationPath
+    hf: GenerationPath
 
     @property
     def name(self) -> str:
@@ -117,7 +117,7 @@ class Variant:
 # -- paths -------------------------------------------------------------------------------------------------
 
 
-def ours(cell: Cell, decoder: Decoder) -> Path:
+def ours(cell: Cell, decoder: Decoder) -> GenerationPath:
     """``decoder`` on the target, one generate call per prompt."""
 
     def run(max_new_tokens: int) -> Result:
@@ -128,7 +128,7 @@ def ours(cell: Cell, decoder: Decoder) -> Path:
     return run
 
 
-def hf(cell: Cell, assistant: Any = None, draft_length: int = 0, **extra: Any) -> Path:
+def hf(cell: Cell, assistant: Any = None, draft_length: int = 0, **extra: Any) -> GenerationPath:
     """HF ``generate`` on the target, one call per prompt; ``assistant`` (an HF model) drafts
     ``draft_length`` tokens per round when given."""
 
@@ -196,7 +196,7 @@ def measure(cell: Cell, args: argparse.Namespace) -> tuple[list[list[str]], list
     """Time every path of ``cell`` alternately; returns table rows, goal lines and errors."""
     progress(f"{cell.label}: {len(cell.prompts)} prompts × {args.max_new_tokens} tokens")
     found = variants(cell, args)
-    paths: dict[str, Path] = {"AR": ours(cell, AutoregressiveDecoder())}
+    paths: dict[str, GenerationPath] = {"AR": ours(cell, AutoregressiveDecoder())}
     if not args.no_hf:
         paths["HF"] = hf(cell)
     for v in found:

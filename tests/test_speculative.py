@@ -109,6 +109,7 @@ def decoders(draft: HFCausalLM, gamma: int = 2) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_name", sorted(CONFIGS))
 @pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
 def test_lossless_joint_distribution(target, draft, prompt, decoder_name, config_name):
@@ -134,6 +135,7 @@ def resample_from_target_on_rejection(target_probs, drafts, seeds, first_step):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decoder_name", ["speculative", "prompt_lookup"])
 def test_the_same_test_rejects_resampling_from_the_target(target, draft, prompt, monkeypatch, decoder_name):
     config = CONFIGS["plain"]
@@ -144,6 +146,7 @@ def test_the_same_test_rejects_resampling_from_the_target(target, draft, prompt,
     assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH, prompt)) < 1e-3
 
 
+@pytest.mark.slow
 def test_first_token_frequencies_on_the_guide_example():
     """Target [0.1, 0.2, 0.7], draft uniform: the broken rule gave [0.17, 0.29, 0.54]; ours gives p."""
     n = 200_000
@@ -236,6 +239,7 @@ def test_draft_with_another_vocabulary_is_refused(target):
         SpeculativeDecoder(other).generate(target, [PROMPT], SamplingConfig(), 4)
 
 
+@pytest.mark.slow
 def test_enumeration_matches_autoregressive_sampling(target):
     """Sanity check of the reference itself: AR draws follow the enumerated joint."""
     config = CONFIGS["top-k/top-p"]

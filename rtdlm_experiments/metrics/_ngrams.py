@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterator, Sequence
+from functools import partial
+
+from sampling._numeric import ratio as _ratio
 
 
 def ngrams(seq: Sequence[Hashable], n: int) -> Iterator[tuple[Hashable, ...]]:
@@ -10,6 +13,5 @@ def ngrams(seq: Sequence[Hashable], n: int) -> Iterator[tuple[Hashable, ...]]:
     return zip(*(seq[i:] for i in range(n)), strict=False)
 
 
-def ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator``, or 0.0 when the denominator is 0 (the defined value for empty input)."""
-    return numerator / denominator if denominator else 0.0
+ratio = partial(_ratio, undefined=0.0)
+"""`sampling._numeric.ratio` with the metric families' documented value for empty input: 0.0."""

@@ -1,8 +1,9 @@
-"""Decoders: one file each, one shared `generate(model, prompt_ids, config, max_new_tokens, stop_ids)`."""
+"""Decoders: one file each, one shared
+`generate(model, prompt_ids, config, max_new_tokens, stop_ids, row_seeds)`."""
 
 from sampling.decoding.accounting import derive_rates, predicted_speedup
 from sampling.decoding.autoregressive import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
+from sampling.decoding.base import CausalLM, Decoder, EarlyExitLM, GenerationOutput, left_pad, merge_outputs
 from sampling.decoding.draft_verify import DraftVerifyDecoder, verify_drafts
 from sampling.decoding.prompt_lookup import PromptLookupDecoder
 from sampling.decoding.self_speculative import SelfSpeculativeDecoder
@@ -13,11 +14,13 @@ __all__ = [
     "CausalLM",
     "Decoder",
     "DraftVerifyDecoder",
+    "EarlyExitLM",
     "GenerationOutput",
     "PromptLookupDecoder",
     "SelfSpeculativeDecoder",
     "SpeculativeDecoder",
     "derive_rates",
+    "left_pad",
     "merge_outputs",
     "predicted_speedup",
     "verify_drafts",

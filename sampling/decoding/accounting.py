@@ -7,6 +7,11 @@ reported quantities: α, α̂, τ, c and the predicted speedup.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from sampling._numeric import ratio
 
 
 def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
@@ -31,10 +36,6 @@ _NEEDED = (
 )
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return numerator / denominator if denominator else 0.0
-
-
 def derive_rates(counts: Mapping[str, float]) -> dict[str, float]:
     """Rates from the counts a draft-verify decoder records (empty if it recorded none).
 
@@ -44,28 +45,86 @@ def derive_rates(counts: Mapping[str, float]) -> dict[str, float]:
     - ``tokens_per_target_forward`` τ = tokens emitted per row per target forward;
     - ``cost_ratio`` c = mean draft step time / mean target (verify) step time;
     - ``predicted_speedup`` from α, the mean γ and c; ``acceptance_rate_pos{i}`` per draft position.
+
+    A rate with nothing to count is NaN (`ratio`): no verified draft gives no α. One exception: a drafter
+    that runs no model (prompt lookup) has c = 0, since drafting costs no model step.
+
+    >>> rates = derive_rates({"verified_tokens": 0, "rounds": 2, "verify_seconds": 1.0})
+    >>> rates["acceptance_rate"], rates["cost_ratio"], rates["predicted_speedup"]
+    (nan, 0.0, 1.0)
     """
     if "verified_tokens" not in counts:
         return {}
     counts = {key: counts.get(key, 0.0) for key in _NEEDED} | dict(counts)
-    alpha = _ratio(counts["accepted_tokens"], counts["verified_tokens"])
-    gamma = _ratio(counts["draft_tokens_offered"], counts["rounds"])
-    cost = _ratio(
-        _ratio(counts["draft_seconds"], counts["draft_steps"]),
-        _ratio(counts["verify_seconds"], counts["rounds"]),
+    alpha = ratio(counts["accepted_tokens"], counts["verified_tokens"])
+    gamma = ratio(counts["draft_tokens_offered"], counts["rounds"])
+    cost = ratio(
+        ratio(counts["draft_seconds"], counts["draft_steps"], undefined=0.0),
+        ratio(counts["verify_seconds"], counts["rounds"]),
     )
     rates = {
         "acceptance_rate": alpha,
-        "analytic_acceptance": _ratio(counts["overlap_sum"], counts["verified_tokens"]),
-        "tokens_per_target_forward": _ratio(counts["emitted_tokens"], counts["row_rounds"]),
+        "analytic_acceptance": ratio(counts["overlap_sum"], counts["verified_tokens"]),
+        "tokens_per_target_forward": ratio(counts["emitted_tokens"], counts["row_rounds"]),
         "cost_ratio": cost,
         "mean_num_draft_tokens": gamma,
         "predicted_speedup": predicted_speedup(alpha, gamma, cost),
     }
     position = 1
     while f"reached_pos{position}" in counts:
-        rates[f"acceptance_rate_pos{position}"] = _ratio(
+        rates[f"acceptance_rate_pos{position}"] = ratio(
             counts[f"passed_pos{position}"], counts[f"reached_pos{position}"]
         )
         position += 1
     return rates
+
+
+COUNT_KEYS = (
+    "rounds",
+    "draft_tokens_offered",
+    "drafted_tokens",
+    "accepted_tokens",
+    "verified_tokens",
+    "overlap_sum",
+    "row_rounds",
+    "emitted_tokens",
+    "draft_steps",
+    "draft_seconds",
+    "verify_seconds",
+)
+
+
+@dataclass
+class RoundTally:
+    """Additive accounting across the rounds of one `generate` call (active rows only)."""
+
+    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COUNT_KEYS, 0.0))
+
+    def add(self, key: str, value: float | torch.Tensor) -> None:
+        self.counts[key] = self.counts.get(key, 0.0) + float(value)
+
+    def record(
+        self,
+        draft_lengths: torch.Tensor,
+        accepted: torch.Tensor,
+        overlap: torch.Tensor,
+        active: torch.Tensor,
+        gamma: int,
+    ) -> None:
+        """One round: ``draft_lengths``, ``accepted``, ``active`` [B]; ``overlap`` [B, γ]; γ offered."""
+        lengths = torch.where(active, draft_lengths, 0)
+        accepted = torch.where(active, accepted, 0)
+        verified = torch.minimum(accepted + 1, lengths)
+        columns = torch.arange(overlap.shape[1], device=lengths.device)
+        reached = columns < verified.unsqueeze(1)
+        self.add("rounds", 1)
+        self.add("draft_tokens_offered", gamma)
+        self.add("drafted_tokens", lengths.sum())
+        self.add("accepted_tokens", accepted.sum())
+        self.add("verified_tokens", verified.sum())
+        self.add("overlap_sum", overlap[reached].sum())
+        self.add("row_rounds", active.sum())
+        self.add("emitted_tokens", (accepted + 1)[active].sum())
+        for i in range(overlap.shape[1]):
+            self.add(f"reached_pos{i + 1}", reached[:, i].sum())
+            self.add(f"passed_pos{i + 1}", (reached[:, i] & (accepted > i)).sum())

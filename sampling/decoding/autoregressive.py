@@ -4,14 +4,42 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sampling.config import SamplingConfig
-from sampling.decoding.base import CausalLM, GenerationOutput, fit_prompts, resolve_row_seeds, stop_set
-from sampling.sampler import TokenSampler
+from sampling.decoding.base import (
+    CausalLM,
+    GenerationOutput,
+    fit_prompts,
+    left_pad,
+    resolve_row_seeds,
+    stop_set,
+)
+from sampling.sampler import SampleOutput, TokenSampler
 
 PAD = -1
+
+
+@dataclass
+class _Batch:
+    """One `generate` call's state: ``history`` [B, W + N] holds the left-padded prompts then the kept
+    new tokens (``PAD`` elsewhere); ``attention_mask`` covers what the cache holds plus the next input."""
+
+    model: CausalLM
+    sampler: TokenSampler
+    history: torch.Tensor
+    prompt_width: int
+    attention_mask: torch.Tensor
+    seeds: torch.Tensor
+    stops: torch.Tensor
+    cache: Any
+    finished: torch.Tensor
+    stopped: torch.Tensor
+    steps: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    sampler_seconds: float = 0.0
 
 
 class AutoregressiveDecoder:
@@ -19,6 +47,7 @@ class AutoregressiveDecoder:
 
     Finished rows keep a slot in the batch (fed their stop token, results ignored) so the cache stays
     rectangular; the repetition penalty sees only each row's real tokens (padding is ``-1`` in history).
+    The instance holds only settings; each call's state lives in its own `_Batch`.
     """
 
     def __init__(self, keep_stop_token: bool = False, truncate_prompts: bool = False) -> None:
@@ -35,60 +64,93 @@ class AutoregressiveDecoder:
         row_seeds: Sequence[int] | None = None,
     ) -> GenerationOutput:
         prompts = fit_prompts(model, prompt_ids, max_new_tokens, self.truncate_prompts)
-        device = model.device
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        history = torch.full((batch, width + max_new_tokens), PAD, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            history[row, width - len(prompt) : width] = torch.tensor(prompt, device=device)
-        attention_mask = (history[:, :width] != PAD).long()
-        seeds = resolve_row_seeds(config, batch, row_seeds).to(device)
-        stops = torch.tensor(sorted(stop_set(model, stop_ids)), dtype=torch.long, device=device)
-        sampler = TokenSampler(config)
-        cache = model.new_cache()
-
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        steps: list[tuple[torch.Tensor, ...]] = []
-        sampler_seconds = prefill_seconds = 0.0
+        batch = self._open(model, prompts, config, max_new_tokens, stop_ids, row_seeds)
         start = time.perf_counter()
-        input_ids = history[:, :width].clamp(min=0)
+        logits = self._prefill(batch)
+        prefill_seconds = time.perf_counter() - start
         for step in range(max_new_tokens):
-            logits = model.forward(input_ids, cache, attention_mask, last_positions=1)[:, -1]
-            if step == 0:
-                prefill_seconds = time.perf_counter() - start
-            tick = time.perf_counter()
-            out = sampler.sample(
-                logits,
-                history[:, : width + step],
-                row_seeds=seeds,
-                step=step,
-                generated=history[:, width : width + step],
-            )
-            sampler_seconds += time.perf_counter() - tick
-            is_stop = torch.isin(out.tokens, stops) & ~finished
-            active = ~finished
-            keep = active & (~is_stop | self.keep_stop_token)
-            lengths += keep.long()
-            history[:, width + step] = torch.where(keep, out.tokens, PAD)
-            steps.append((keep, out.model_logprobs, out.entropy, out.num_kept))
-            stopped |= is_stop
-            finished |= is_stop
-            if bool(finished.all()) or step == max_new_tokens - 1:
+            sampled = self._sample(batch, logits, step)
+            self._record(batch, sampled, step)
+            if bool(batch.finished.all()) or step == max_new_tokens - 1:
                 break
-            input_ids = out.tokens.unsqueeze(1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        total = time.perf_counter() - start
+            logits = self._step(batch, sampled.tokens)
+        return self._finish(batch, prefill_seconds, time.perf_counter() - start - prefill_seconds)
 
+    def _open(
+        self,
+        model: CausalLM,
+        prompts: list[list[int]],
+        config: SamplingConfig,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        row_seeds: Sequence[int] | None,
+    ) -> _Batch:
+        device = model.device
+        padded, attention_mask = left_pad(prompts, PAD, device)
+        rows, width = padded.shape
+        new = torch.full((rows, max_new_tokens), PAD, dtype=torch.long, device=device)
+        return _Batch(
+            model=model,
+            sampler=TokenSampler(config),
+            history=torch.cat([padded, new], dim=1),
+            prompt_width=width,
+            attention_mask=attention_mask,
+            seeds=resolve_row_seeds(config, rows, row_seeds).to(device),
+            stops=torch.tensor(sorted(stop_set(model, stop_ids)), dtype=torch.long, device=device),
+            cache=model.new_cache(),
+            finished=torch.zeros(rows, dtype=torch.bool, device=device),
+            stopped=torch.zeros(rows, dtype=torch.bool, device=device),
+        )
+
+    @staticmethod
+    def _prefill(batch: _Batch) -> torch.Tensor:
+        """The prompts through the model: the logits [B, V] of the first new token."""
+        prompts = batch.history[:, : batch.prompt_width].clamp(min=0)
+        return batch.model.forward(prompts, batch.cache, batch.attention_mask, last_positions=1)[:, -1]
+
+    @staticmethod
+    def _sample(batch: _Batch, logits: torch.Tensor, step: int) -> SampleOutput:
+        tick = time.perf_counter()
+        end = batch.prompt_width + step
+        sampled = batch.sampler.sample(
+            logits,
+            batch.history[:, :end],
+            row_seeds=batch.seeds,
+            step=step,
+            generated=batch.history[:, batch.prompt_width : end],
+        )
+        batch.sampler_seconds += time.perf_counter() - tick
+        return sampled
+
+    def _record(self, batch: _Batch, sampled: SampleOutput, step: int) -> None:
+        """Keep each active row's token (a stop token only if asked) and end rows that drew a stop."""
+        is_stop = torch.isin(sampled.tokens, batch.stops) & ~batch.finished
+        keep = ~batch.finished & (~is_stop | self.keep_stop_token)
+        batch.history[:, batch.prompt_width + step] = torch.where(keep, sampled.tokens, PAD)
+        batch.steps.append((keep, sampled.model_logprobs, sampled.entropy, sampled.num_kept))
+        batch.stopped |= is_stop
+        batch.finished |= is_stop
+
+    @staticmethod
+    def _step(batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed every row's last token (finished rows too: the cache stays rectangular)."""
+        mask = batch.attention_mask
+        batch.attention_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return batch.model.forward(tokens.unsqueeze(1), batch.cache, batch.attention_mask, last_positions=1)[
+            :, -1
+        ]
+
+    @staticmethod
+    def _finish(batch: _Batch, prefill_seconds: float, decode_seconds: float) -> GenerationOutput:
         return GenerationOutput(
-            token_ids=[new[new >= 0].tolist() for new in history[:, width:]],
-            **_per_token_stats(steps),
-            finished_by_stop=stopped.tolist(),
+            token_ids=[new[new >= 0].tolist() for new in batch.history[:, batch.prompt_width :]],
+            **_per_token_stats(batch.steps),
+            finished_by_stop=batch.stopped.tolist(),
             prefill_seconds=prefill_seconds,
-            decode_seconds=total - prefill_seconds,
-            sampler_seconds=sampler_seconds,
-            sampler_calls=len(steps),
-            target_forwards=len(steps),
+            decode_seconds=decode_seconds,
+            sampler_seconds=batch.sampler_seconds,
+            sampler_calls=len(batch.steps),
+            target_forwards=len(batch.steps),
         )
 
 

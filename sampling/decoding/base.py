@@ -1,9 +1,10 @@
-"""What every decoder shares: the `CausalLM` protocol it drives and the `GenerationOutput` it returns.
+"""What every decoder shares: the model protocols it drives, left padding, and the `GenerationOutput`.
 
-The protocol is deliberately small so that any model with a KV cache can be plugged in: a batched
-forward that appends to a cache, cropping the cache back (speculative decoding rolls back rejected
-drafts), and an early-exit split of the layer stack (self-speculative decoding drafts with the first
-E layers and verifies with the rest, sharing the first E layers' cache).
+The protocols are deliberately small so that any model with a KV cache can be plugged in. `CausalLM`
+is what every decoder needs: a batched forward that appends to a cache, and cropping the cache back
+(speculative decoding rolls back rejected drafts). `EarlyExitLM` adds an early-exit split of the layer
+stack, needed only by self-speculative decoding (it drafts with the first E layers and verifies with the
+rest, sharing the first E layers' cache).
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ class CausalLM(Protocol):
         [B, last_positions, V] for only the last positions (a prefill needs one, not T×V floats)."""
         ...
 
+    def cache_length(self, cache: Any) -> int:
+        """Number of positions held by the full (last) layer of the cache."""
+        ...
+
+    def crop_cache(self, cache: Any, length: int) -> None:
+        """Drop every cached position at index >= ``length`` in every layer (in place)."""
+        ...
+
+
+@runtime_checkable
+class EarlyExitLM(CausalLM, Protocol):
+    """A `CausalLM` whose layer stack can be split at any layer, sharing one cache across the split."""
+
     def forward_early_exit(
         self, input_ids: torch.Tensor, cache: Any, exit_layer: int, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,13 +81,25 @@ class CausalLM(Protocol):
         """Run layers ``[start_layer, L)`` + norm + head on ``hidden``; returns logits [B, T, V]."""
         ...
 
-    def cache_length(self, cache: Any) -> int:
-        """Number of positions held by the full (last) layer of the cache."""
-        ...
 
-    def crop_cache(self, cache: Any, length: int) -> None:
-        """Drop every cached position at index >= ``length`` in every layer (in place)."""
-        ...
+def left_pad(
+    rows: Sequence[Sequence[int]], pad_value: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows right-aligned in one ``[B, longest]`` batch: ``(ids, attention_mask)``, padding on the left
+    with ``pad_value`` (mask 0), so every row's last token sits in the last column.
+
+    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_value=-1)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [-1, -1, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    width = max((len(row) for row in rows), default=0)
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(list(row), dtype=torch.long, device=device)
+            mask[index, width - len(row) :] = 1
+    return ids, mask
 
 
 @dataclass
@@ -137,7 +163,12 @@ def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
 
 
 class Decoder(Protocol):
-    """The one signature every decoder shares."""
+    """The one signature every decoder shares.
+
+    ``row_seeds`` (one per prompt) key each row's randomness, so a prompt's sample does not depend on
+    the batch it was put in (see `resolve_row_seeds`). Decoders keep no per-call state on the instance:
+    one instance may serve concurrent calls.
+    """
 
     def generate(
         self,
@@ -146,6 +177,7 @@ class Decoder(Protocol):
         config: SamplingConfig,
         max_new_tokens: int,
         stop_ids: Sequence[int] = (),
+        row_seeds: Sequence[int] | None = None,
     ) -> GenerationOutput: ...
 
 

@@ -12,28 +12,36 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.decoding.base import CausalLM, GenerationOutput, fit_prompts, resolve_row_seeds, stop_set
+from sampling.decoding.accounting import RoundTally
+from sampling.decoding.base import (
+    CausalLM,
+    GenerationOutput,
+    fit_prompts,
+    left_pad,
+    resolve_row_seeds,
+    stop_set,
+)
+from sampling.decoding.rounds import HOLE, Drafts, DraftSession, RoundState, no_drafts
 from sampling.sampler import TokenSampler
 
-HOLE = -1
+__all__ = [
+    "HOLE",
+    "DraftSession",
+    "DraftVerifyDecoder",
+    "Drafts",
+    "RoundState",
+    "Verdict",
+    "sample_from_probs",
+    "verify_drafts",
+]
+
 DRAFT_STREAM, ACCEPT_STREAM, TARGET_STREAM = 1, 2, 3
-
-
-@dataclass
-class Drafts:
-    """Proposals for one round: ``tokens`` [B, γ]; ``probs`` [B, γ, V] the draft's sampling distribution
-    (None: each draft is a point mass); ``lengths`` [B] how many of a row's γ columns are real drafts."""
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None
-    lengths: torch.Tensor
 
 
 @dataclass
@@ -109,47 +117,31 @@ def sample_from_probs(
 
 
 @dataclass
-class RoundState:
-    """Everything a proposer may read about the batch: ``tokens`` [B, S] (prompt + kept tokens, -1 for
-    padding and holes; column S-1 is each row's pending token, not yet in the target cache)."""
+class _Call:
+    """One `generate` call's loop state: the batch, its drafting session, the output being filled."""
 
-    tokens: torch.Tensor
-    prompt_width: int
-    emitted: torch.Tensor
-    """[B] tokens emitted so far per row: the position of the next token."""
-    seeds: torch.Tensor
-    sampler: TokenSampler
-    target_cache: Any
-    draft_forwards: int = 0
+    state: RoundState
+    session: DraftSession
+    out: GenerationOutput
+    stops: frozenset[int]
+    max_new_tokens: int
+    gamma: int
+    finished: list[bool]
+    tally: RoundTally
 
-    @property
-    def width(self) -> int:
-        return self.tokens.shape[1]
-
-    @property
-    def attention_mask(self) -> torch.Tensor:
-        return (self.tokens >= 0).long()
-
-    def histories(self, extra: torch.Tensor) -> torch.Tensor:
-        """Contexts for positions 0..k: row-major ``[B·(k+1), S+k]``; position i sees ``extra[:, :i]``."""
-        batch, k = extra.shape
-        full = torch.cat([self.tokens, extra], dim=1)
-        limit = self.width + torch.arange(k + 1, device=full.device)
-        visible = torch.arange(full.shape[1], device=full.device) < limit.unsqueeze(1)
-        return torch.where(visible, full.unsqueeze(1), HOLE).reshape(batch * (k + 1), -1)
-
-    def distributions(self, logits: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
-        """Sampling distributions [B, k+1, V] for ``logits`` [B, k+1, V] scored after ``extra`` [B, k]."""
-        batch, positions, vocab = logits.shape
-        history = self.histories(extra)
-        probs = self.sampler.distribution(
-            logits.reshape(batch * positions, vocab), history, generated=history[:, self.prompt_width :]
-        )
-        return probs.reshape(batch, positions, vocab)
+    def round_gamma(self) -> int:
+        """Drafts to offer this round: γ, but no more than the longest unfinished row can still use."""
+        rows = range(len(self.finished))
+        room = max(self.max_new_tokens - len(self.out.token_ids[r]) for r in rows if not self.finished[r])
+        return max(1, min(self.gamma, room - 1)) if room > 1 else 0
 
 
 class DraftVerifyDecoder:
-    """Base of the speculative decoders: subclasses say how to draft (and, if special, how to verify)."""
+    """Base of the speculative decoders: subclasses say how to draft by opening a `DraftSession` per call.
+
+    The instance holds only settings; everything a call changes lives in that call's `RoundState`,
+    `DraftSession` and loop state, so one instance can serve concurrent calls.
+    """
 
     def __init__(
         self,
@@ -165,22 +157,9 @@ class DraftVerifyDecoder:
         self.keep_stop_token = keep_stop_token
         self.truncate_prompts = truncate_prompts
 
-    # -- hooks ---------------------------------------------------------------------------------------
-
-    def start(self, target: CausalLM, state: RoundState) -> None:
-        """Called after the target prefilled all but the pending token."""
-
-    def propose(self, target: CausalLM, state: RoundState, gamma: int) -> Drafts:
+    def open_session(self, target: CausalLM, state: RoundState) -> DraftSession:
+        """A fresh drafter for one call, opened after the target prefilled all but the pending token."""
         raise NotImplementedError
-
-    def score(self, target: CausalLM, state: RoundState, drafts: Drafts) -> torch.Tensor:
-        """Target logits [B, γ+1, V] for ``[pending, drafts]``; the target cache grows by γ+1."""
-        inputs = torch.cat([state.tokens[:, -1:], drafts.tokens], dim=1).clamp(min=0)
-        mask = torch.cat([state.attention_mask, torch.ones_like(drafts.tokens)], dim=1)
-        return target.forward(inputs, state.target_cache, mask)
-
-    def rollback(self, target: CausalLM, state: RoundState, keep: int) -> None:
-        """Crop every cache this decoder owns to ``keep`` positions (the target's is done already)."""
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -196,11 +175,30 @@ class DraftVerifyDecoder:
         prompts = fit_prompts(
             model, prompt_ids, max_new_tokens + self.num_draft_tokens + 1, self.truncate_prompts
         )
+        start = time.perf_counter()
+        call = self._prefill(model, prompts, config, max_new_tokens, stop_ids, row_seeds)
+        call.out.prefill_seconds = time.perf_counter() - start
+        while not all(call.finished):
+            self._round(model, call)
+        call.out.decode_seconds = time.perf_counter() - start - call.out.prefill_seconds
+        call.out.draft_forwards = call.state.draft_forwards
+        call.tally.add("draft_steps", call.state.draft_forwards)
+        call.out.stats = call.tally.counts
+        return call.out
+
+    def _prefill(
+        self,
+        model: CausalLM,
+        prompts: list[list[int]],
+        config: SamplingConfig,
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        row_seeds: Sequence[int] | None,
+    ) -> _Call:
+        """Left-pad the prompts, run the target on all but each row's last token, open the drafter."""
         device = model.device
-        batch, width = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.full((batch, width), HOLE, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            tokens[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
+        tokens, _ = left_pad(prompts, HOLE, device)
+        batch, width = tokens.shape
         state = RoundState(
             tokens=tokens,
             prompt_width=width,
@@ -209,7 +207,6 @@ class DraftVerifyDecoder:
             sampler=TokenSampler(config),
             target_cache=model.new_cache(),
         )
-        stops = stop_set(model, stop_ids)
         out = GenerationOutput(
             token_ids=[[] for _ in range(batch)],
             model_logprobs=[[] for _ in range(batch)],
@@ -217,74 +214,68 @@ class DraftVerifyDecoder:
             num_kept=[[] for _ in range(batch)],
             finished_by_stop=[False] * batch,
         )
-        finished = [False] * batch
-        tally = _Tally()
-
-        start = time.perf_counter()
         if width > 1:
-            model.forward(
-                tokens[:, :-1].clamp(min=0),
-                state.target_cache,
-                state.attention_mask[:, :-1],
-                last_positions=1,
-            )
+            inputs, mask = tokens[:, :-1].clamp(min=0), state.attention_mask[:, :-1]
+            model.forward(inputs, state.target_cache, mask, last_positions=1)
             out.target_forwards += 1
-        self.start(model, state)
-        out.prefill_seconds = time.perf_counter() - start
+        return _Call(
+            state=state,
+            session=self.open_session(model, state),
+            out=out,
+            stops=stop_set(model, stop_ids),
+            max_new_tokens=max_new_tokens,
+            gamma=self.num_draft_tokens,
+            finished=[False] * batch,
+            tally=RoundTally(),
+        )
 
-        gamma = self.num_draft_tokens
-        while not all(finished):
-            room = max(max_new_tokens - len(out.token_ids[r]) for r in range(batch) if not finished[r])
-            round_gamma = max(1, min(gamma, room - 1)) if room > 1 else 0
-            tick = time.perf_counter()
-            drafts = self.propose(model, state, round_gamma) if round_gamma else _no_drafts(batch, device)
-            tally.add("draft_seconds", time.perf_counter() - tick)
-            tick = time.perf_counter()
-            logits = self.score(model, state, drafts)
-            tally.add("verify_seconds", time.perf_counter() - tick)
-            out.target_forwards += 1
-            tick = time.perf_counter()
-            probs = state.distributions(logits, drafts.tokens)
-            verdict = verify_drafts(probs, drafts, state.seeds, state.emitted)
-            out.sampler_seconds += time.perf_counter() - tick
-            out.sampler_calls += 1
+    def _round(self, model: CausalLM, call: _Call) -> None:
+        """Draft, score, verify, emit, then roll the caches back to what was kept."""
+        state, out, tally = call.state, call.out, call.tally
+        gamma = call.round_gamma()
+        tick = time.perf_counter()
+        drafts = call.session.propose(state, gamma) if gamma else no_drafts(len(call.finished), model.device)
+        tally.add("draft_seconds", time.perf_counter() - tick)
+        tick = time.perf_counter()
+        logits = call.session.score(state, drafts)
+        tally.add("verify_seconds", time.perf_counter() - tick)
+        out.target_forwards += 1
+        tick = time.perf_counter()
+        probs = state.distributions(logits, drafts.tokens)
+        verdict = verify_drafts(probs, drafts, state.seeds, state.emitted)
+        out.sampler_seconds += time.perf_counter() - tick
+        out.sampler_calls += 1
 
-            active = torch.tensor([not f for f in finished], device=device)
-            accepted = torch.where(active, verdict.accepted, 0)
-            tally.record(drafts, verdict, active, round_gamma)
-            self._emit(out, finished, stops, max_new_tokens, drafts, verdict, logits, probs, state)
+        active = torch.tensor([not f for f in call.finished], device=model.device)
+        tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active, gamma)
+        self._emit(call, drafts, verdict, logits, probs)
+        self._advance(model, call, drafts, verdict, active)
+        if self.adaptive and gamma:
+            all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
+            call.gamma = call.gamma + 2 if all_passed else max(1, call.gamma - 1)
 
-            kept = int(accepted.max())
-            columns = torch.arange(kept, device=device)
-            new_tokens = torch.where(columns < accepted.unsqueeze(1), drafts.tokens[:, :kept], HOLE)
-            pending = torch.where(active, verdict.next_token, HOLE).unsqueeze(1)
-            keep = state.width + kept
-            model.crop_cache(state.target_cache, keep)
-            self.rollback(model, state, keep)
-            state.tokens = torch.cat([state.tokens, new_tokens, pending], dim=1)
-            state.emitted = state.emitted + accepted + 1
-            if self.adaptive and round_gamma:
-                all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
-                gamma = gamma + 2 if all_passed else max(1, gamma - 1)
-        out.decode_seconds = time.perf_counter() - start - out.prefill_seconds
-        out.draft_forwards = state.draft_forwards
-        tally.add("draft_steps", state.draft_forwards)
-        out.stats = tally.counts
-        return out
+    @staticmethod
+    def _advance(
+        model: CausalLM, call: _Call, drafts: Drafts, verdict: Verdict, active: torch.Tensor
+    ) -> None:
+        """Append kept drafts (holes where a row kept fewer) and each row's pending token; crop caches."""
+        state = call.state
+        accepted = torch.where(active, verdict.accepted, 0)
+        kept = int(accepted.max())
+        columns = torch.arange(kept, device=accepted.device)
+        new_tokens = torch.where(columns < accepted.unsqueeze(1), drafts.tokens[:, :kept], HOLE)
+        pending = torch.where(active, verdict.next_token, HOLE).unsqueeze(1)
+        keep = state.width + kept
+        model.crop_cache(state.target_cache, keep)
+        call.session.rollback(keep)
+        state.tokens = torch.cat([state.tokens, new_tokens, pending], dim=1)
+        state.emitted = state.emitted + accepted + 1
 
     def _emit(
-        self,
-        out: GenerationOutput,
-        finished: list[bool],
-        stops: frozenset[int],
-        max_new_tokens: int,
-        drafts: Drafts,
-        verdict: Verdict,
-        logits: torch.Tensor,
-        probs: torch.Tensor,
-        state: RoundState,
+        self, call: _Call, drafts: Drafts, verdict: Verdict, logits: torch.Tensor, probs: torch.Tensor
     ) -> None:
         """Append each active row's accepted drafts and next token, honouring stops and the budget."""
+        out, finished = call.out, call.finished
         accepted = verdict.accepted
         produced = torch.cat([drafts.tokens, torch.zeros_like(accepted).unsqueeze(1)], dim=1)
         produced.scatter_(1, accepted.unsqueeze(1), verdict.next_token.unsqueeze(1))
@@ -297,7 +288,7 @@ class DraftVerifyDecoder:
                 continue
             for position in range(counts[row]):
                 token = produced[row][position]
-                if token in stops:
+                if token in call.stops:
                     out.finished_by_stop[row] = True
                     finished[row] = True
                     if not self.keep_stop_token:
@@ -306,54 +297,6 @@ class DraftVerifyDecoder:
                 out.model_logprobs[row].append(model_logprobs[row][position])
                 out.entropies[row].append(entropy[row][position])
                 out.num_kept[row].append(num_kept[row][position])
-                if finished[row] or len(out.token_ids[row]) >= max_new_tokens:
+                if finished[row] or len(out.token_ids[row]) >= call.max_new_tokens:
                     finished[row] = True
                     break
-
-
-def _no_drafts(batch: int, device: torch.device) -> Drafts:
-    empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    return Drafts(empty, None, torch.zeros(batch, dtype=torch.long, device=device))
-
-
-@dataclass
-class _Tally:
-    """Additive accounting across rounds (active rows only); rates come from `derive_rates`."""
-
-    counts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_COUNT_KEYS, 0.0))
-
-    def add(self, key: str, value: float | torch.Tensor) -> None:
-        self.counts[key] = self.counts.get(key, 0.0) + float(value)
-
-    def record(self, drafts: Drafts, verdict: Verdict, active: torch.Tensor, gamma: int) -> None:
-        lengths = torch.where(active, drafts.lengths, 0)
-        accepted = torch.where(active, verdict.accepted, 0)
-        verified = torch.minimum(accepted + 1, lengths)
-        columns = torch.arange(drafts.tokens.shape[1], device=lengths.device)
-        reached = columns < verified.unsqueeze(1)
-        self.add("rounds", 1)
-        self.add("draft_tokens_offered", gamma)
-        self.add("drafted_tokens", lengths.sum())
-        self.add("accepted_tokens", accepted.sum())
-        self.add("verified_tokens", verified.sum())
-        self.add("overlap_sum", verdict.overlap[reached].sum())
-        self.add("row_rounds", active.sum())
-        self.add("emitted_tokens", (accepted + 1)[active].sum())
-        for i in range(drafts.tokens.shape[1]):
-            self.add(f"reached_pos{i + 1}", reached[:, i].sum())
-            self.add(f"passed_pos{i + 1}", (reached[:, i] & (accepted > i)).sum())
-
-
-_COUNT_KEYS = (
-    "rounds",
-    "draft_tokens_offered",
-    "drafted_tokens",
-    "accepted_tokens",
-    "verified_tokens",
-    "overlap_sum",
-    "row_rounds",
-    "emitted_tokens",
-    "draft_steps",
-    "draft_seconds",
-    "verify_seconds",
-)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sampling.decoding.base import CausalLM
-from sampling.decoding.draft_verify import Drafts, DraftVerifyDecoder, RoundState
+from sampling.decoding.draft_verify import Drafts, DraftSession, DraftVerifyDecoder, RoundState
 
 
 def lookup_draft(context: list[int], max_ngram: int, num_tokens: int) -> list[int]:
@@ -25,6 +25,24 @@ def lookup_draft(context: list[int], max_ngram: int, num_tokens: int) -> list[in
     return []
 
 
+class PromptLookupSession(DraftSession):
+    """Drafts read from each row's own tokens; nothing to keep between rounds but the n-gram limit."""
+
+    def __init__(self, target: CausalLM, max_ngram: int) -> None:
+        super().__init__(target)
+        self.max_ngram = max_ngram
+
+    def propose(self, state: RoundState, gamma: int) -> Drafts:
+        rows = [[t for t in row if t >= 0] for row in state.tokens.tolist()]
+        found = [lookup_draft(row, self.max_ngram, gamma) for row in rows]
+        drafts = torch.zeros(len(rows), max(map(len, found)), dtype=torch.long)
+        for r, tokens in enumerate(found):
+            drafts[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        lengths = torch.tensor([len(t) for t in found], dtype=torch.long)
+        device = state.tokens.device
+        return Drafts(drafts.to(device), None, lengths.to(device))
+
+
 class PromptLookupDecoder(DraftVerifyDecoder):
     """Drafts are point masses (q = 1 at the copied token), so a draft x is accepted with probability
     p(x) and a rejection resamples from p with x removed: still exactly the target's distribution."""
@@ -42,12 +60,5 @@ class PromptLookupDecoder(DraftVerifyDecoder):
             raise ValueError(f"max_ngram={max_ngram} is invalid: must be >= 1")
         self.max_ngram = max_ngram
 
-    def propose(self, target: CausalLM, state: RoundState, gamma: int) -> Drafts:
-        rows = [[t for t in row if t >= 0] for row in state.tokens.tolist()]
-        found = [lookup_draft(row, self.max_ngram, gamma) for row in rows]
-        drafts = torch.zeros(len(rows), max(map(len, found)), dtype=torch.long)
-        for r, tokens in enumerate(found):
-            drafts[r, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        lengths = torch.tensor([len(t) for t in found], dtype=torch.long)
-        device = state.tokens.device
-        return Drafts(drafts.to(device), None, lengths.to(device))
+    def open_session(self, target: CausalLM, state: RoundState) -> PromptLookupSession:
+        return PromptLookupSession(target, self.max_ngram)

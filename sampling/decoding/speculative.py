@@ -2,10 +2,58 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sampling.decoding.base import CausalLM
-from sampling.decoding.draft_verify import Drafts, DraftVerifyDecoder, RoundState, sample_from_probs
+from sampling.decoding.draft_verify import (
+    Drafts,
+    DraftSession,
+    DraftVerifyDecoder,
+    RoundState,
+    sample_from_probs,
+)
+
+
+class DraftModelSession(DraftSession):
+    """One call's draft model cache, and how many of the batch's positions it holds."""
+
+    def __init__(self, target: CausalLM, draft_model: CausalLM, state: RoundState) -> None:
+        super().__init__(target)
+        self.draft_model = draft_model
+        self.cache: Any = draft_model.new_cache()
+        self.cached = 0
+        if state.width > 1:
+            self._forward(state.tokens[:, :-1], state.attention_mask[:, :-1])
+
+    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = self.draft_model.forward(inputs.clamp(min=0), self.cache, mask, last_positions=1)
+        self.cached = mask.shape[1]
+        return logits[:, -1]
+
+    def propose(self, state: RoundState, gamma: int) -> Drafts:
+        batch = state.tokens.shape[0]
+        mask = state.attention_mask
+        logits = self._forward(state.tokens[:, self.cached :], mask)
+        state.draft_forwards += 1
+        drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
+        probs = []
+        for i in range(gamma):
+            q = state.draft_distribution(logits, drafts[:, :i])
+            drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
+            probs.append(q)
+            if i + 1 < gamma:
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self._forward(drafts[:, i : i + 1], mask)
+                state.draft_forwards += 1
+        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
+        return Drafts(drafts, torch.stack(probs, dim=1), lengths)
+
+    def rollback(self, keep: int) -> None:
+        if self.cached > keep:
+            self.draft_model.crop_cache(self.cache, keep)
+            self.cached = keep
 
 
 class SpeculativeDecoder(DraftVerifyDecoder):
@@ -24,45 +72,11 @@ class SpeculativeDecoder(DraftVerifyDecoder):
     ) -> None:
         super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
         self.draft_model = draft_model
-        self._cache = None
-        self._cached = 0
 
-    def start(self, target: CausalLM, state: RoundState) -> None:
+    def open_session(self, target: CausalLM, state: RoundState) -> DraftModelSession:
         if self.draft_model.vocab_size != target.vocab_size:
             raise ValueError(
                 f"draft vocab ({self.draft_model.vocab_size}) differs from the target's "
                 f"({target.vocab_size}): speculative decoding needs a draft with the target's tokenizer"
             )
-        self._cache = self.draft_model.new_cache()
-        self._cached = 0
-        if state.width > 1:
-            self._forward(state.tokens[:, :-1], state.attention_mask[:, :-1])
-
-    def _forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = self.draft_model.forward(inputs.clamp(min=0), self._cache, mask, last_positions=1)
-        self._cached = mask.shape[1]
-        return logits[:, -1]
-
-    def propose(self, target: CausalLM, state: RoundState, gamma: int) -> Drafts:
-        batch = state.tokens.shape[0]
-        mask = state.attention_mask
-        logits = self._forward(state.tokens[:, self._cached :], mask)
-        state.draft_forwards += 1
-        drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
-        probs = []
-        for i in range(gamma):
-            history = torch.cat([state.tokens, drafts[:, :i]], dim=1)
-            q = state.sampler.distribution(logits, history, generated=history[:, state.prompt_width :])
-            drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
-            probs.append(q)
-            if i + 1 < gamma:
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = self._forward(drafts[:, i : i + 1], mask)
-                state.draft_forwards += 1
-        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
-        return Drafts(drafts, torch.stack(probs, dim=1), lengths)
-
-    def rollback(self, target: CausalLM, state: RoundState, keep: int) -> None:
-        if self._cached > keep:
-            self.draft_model.crop_cache(self._cache, keep)
-            self._cached = keep
+        return DraftModelSession(target, self.draft_model, state)
