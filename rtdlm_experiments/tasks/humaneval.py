@@ -173,7 +173,7 @@ def pass_at_k(results: Sequence[SampleResult], ks: Iterable[int] = PASS_AT_K) ->
     task has.
 
     >>> results = [SampleResult("a", i, s, "", "") for i, s in enumerate(["passed", "failed"] * 3)]
-    >>> pass_at_k(results)
+    >>> {name: round(value, 6) for name, value in pass_at_k(results).items()}
     {'pass_at_1': 0.5, 'pass_at_5': 1.0}
     """
     per_task_samples = defaultdict(int)
