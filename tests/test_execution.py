@@ -77,6 +77,17 @@ def test_infinite_loop_is_killed_within_timeout_plus_two_seconds():
     assert time.monotonic() - start < 1.0 + 2.0  # the spec's bound, not a speed measurement
 
 
+def test_program_that_closes_its_output_still_runs_until_the_timeout():
+    result = run_program("import os\nos.close(1)\nos.close(2)\nwhile True:\n    pass\n", timeout_s=1.0)
+    assert result.status == "timeout"
+
+
+@pytest.mark.skipif(not ISOLATION.readonly_filesystem, reason="no mount namespace: no size-limited tmpfs")
+def test_program_cannot_fill_the_disk_beyond_its_directory_size():
+    result = run_program("for i in range(10):\n    open(f'f{i}', 'wb').write(bytes(15 << 20))\n")
+    assert (result.status, result.detail) == ("error", "OSError: [Errno 28] No space left on device")
+
+
 def test_memory_bomb_ends_as_error_and_runner_is_unharmed():
     result = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 24))\n", timeout_s=10)
     assert result.status in ("error", "timeout")

@@ -18,6 +18,7 @@ import resource
 import signal
 import sys
 import time
+from pathlib import Path
 
 SETUP_FAILED = 125
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
@@ -63,10 +64,16 @@ def _stays_writable(point: str) -> bool:
     return any(point == top or point.startswith(top + "/") for top in LEFT_WRITABLE)
 
 
-def make_filesystem_read_only(workdir: str) -> None:
-    """In a fresh mount namespace: every mount read-only except the program's own directory."""
+def make_filesystem_read_only(workdir: str, uid: int | None, size_bytes: int) -> None:
+    """In a fresh mount namespace: every mount read-only except the program's own directory, which
+    becomes a tmpfs of ``size_bytes`` (so the program cannot fill the disk) holding the same files."""
+    files = {entry.name: Path(entry.path).read_bytes() for entry in os.scandir(workdir) if entry.is_file()}
     _mount(None, "/", MS_REC | MS_PRIVATE)
-    _mount(workdir, workdir, MS_BIND)
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    encoded = f"size={size_bytes},mode=0700{owner}".encode()
+    _check(_libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, encoded), "mount tmpfs")
+    for name, content in files.items():
+        Path(workdir, name).write_bytes(content)
     for point, options in _mount_points():
         if point == workdir or _stays_writable(point):
             continue
@@ -97,7 +104,7 @@ def run(config: dict) -> None:
     if flags:
         _check(_libc.unshare(flags), "unshare")
     if config["readonly_filesystem"]:
-        make_filesystem_read_only(config["workdir"])
+        make_filesystem_read_only(config["workdir"], config["uid"], config["workdir_bytes"])
     set_limits(config["limits"])
     if config["uid"] is not None:
         drop_privileges(config["uid"])

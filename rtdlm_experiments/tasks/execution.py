@@ -75,6 +75,8 @@ class SandboxLimits:
     processes: int = 8
     """Only enforced with the uid drop (the count is per uid; the runner's own uid runs other things)."""
     open_files: int = 256
+    workdir_bytes: int = 64 << 20
+    """Size of the program's directory (a tmpfs of its own under the read-only file system isolation)."""
     max_output_bytes: int = 64 << 10
     """Captured per stream (stdout: its start, stderr: its end); the rest is read and dropped."""
 
@@ -235,6 +237,7 @@ def _child_config(
         "workdir": str(workdir),
         "network_namespace": isolation.network_namespace,
         "readonly_filesystem": isolation.readonly_filesystem,
+        "workdir_bytes": limits.workdir_bytes,
         "limits": rlimits,
         "python": isolation.python,
         "argv": argv,
@@ -273,14 +276,17 @@ def _drain(process: subprocess.Popen, deadline: float, limit: int) -> tuple[byte
     with selectors.DefaultSelector() as selector:
         for pipe in kept:
             selector.register(pipe, selectors.EVENT_READ)
-        while selector.get_map():
+        while True:
             now = time.monotonic()
             if now >= deadline:
                 return bytes(kept[process.stdout]), bytes(kept[process.stderr]), True
             if exited_at is None and _has_exited(process.pid):
                 exited_at = now
-            if exited_at is not None and now - exited_at > EXIT_GRACE_S:
+            if exited_at is not None and (not selector.get_map() or now - exited_at > EXIT_GRACE_S):
                 break
+            if not selector.get_map():  # pipes closed but the program still runs
+                time.sleep(min(0.01, deadline - now))
+                continue
             for key, _ in selector.select(timeout=min(0.05, deadline - now)):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
