@@ -13,6 +13,7 @@ from rtdlm_experiments.tasks import _sandbox_uids
 from rtdlm_experiments.tasks.execution import (
     STATUSES,
     ExecutionResult,
+    Isolation,
     run_program,
     run_programs,
     sandbox_isolation,
@@ -195,3 +196,17 @@ def test_isolation_is_reported():
     described = ISOLATION.describe()
     assert described.startswith("rlimits+process-group")
     assert ("netns" in described) == ISOLATION.network_namespace
+
+
+def test_minimal_isolation_still_runs_programs_in_a_killable_subprocess():
+    """What a machine that allows no uid drop and no namespaces gets: rlimits and the process group."""
+    minimal = Isolation(False, False, False, ISOLATION.python)
+    assert minimal.describe() == "rlimits+process-group"
+    results = run_programs(
+        ["print('hi')", "assert False", "while True:\n    pass"], 1.0, 3, isolation=minimal
+    )
+    assert [(result.status, result.stdout) for result in results] == [
+        ("passed", "hi\n"),
+        ("failed", ""),
+        ("timeout", ""),
+    ]

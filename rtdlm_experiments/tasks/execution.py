@@ -147,11 +147,16 @@ def classify_outcome(exit_code: int | None, stderr: str, timed_out: bool) -> tup
 
 
 def run_program(
-    source: str, timeout_s: float = 5.0, *, limits: SandboxLimits | None = None
+    source: str,
+    timeout_s: float = 5.0,
+    *,
+    limits: SandboxLimits | None = None,
+    isolation: Isolation | None = None,
 ) -> ExecutionResult:
-    """Run ``source`` as a Python program in the sandbox and return its outcome."""
+    """Run ``source`` as a Python program in the sandbox and return its outcome. ``isolation`` defaults
+    to the most this machine allows (:func:`sandbox_isolation`); pass less only to test weaker set-ups."""
     limits = limits or SandboxLimits()
-    isolation = sandbox_isolation()
+    isolation = isolation or sandbox_isolation()
     with _sandbox_uids.lease(isolation.unprivileged_uid) as uid:
         workdir = _make_workdir(uid)
         try:
@@ -170,12 +175,17 @@ def run_programs(
     workers: int | None = None,
     *,
     limits: SandboxLimits | None = None,
+    isolation: Isolation | None = None,
 ) -> list[ExecutionResult]:
     """:func:`run_program` on every source, ``workers`` at a time (default: the CPU count, at most 8);
     results in the order of ``sources``."""
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda source: run_program(source, timeout_s, limits=limits), sources))
+        return list(
+            pool.map(
+                lambda source: run_program(source, timeout_s, limits=limits, isolation=isolation), sources
+            )
+        )
 
 
 @cache
