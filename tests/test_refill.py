@@ -3,6 +3,7 @@ one-by-one decoding, whatever the schedule; a bounded cache; stop strings, ignor
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from rtdlm_experiments.models import ByteTokenizer, HFCausalLM, build_tiny_random
 from sampling import SamplingConfig, TokenSampler, get_preset
-from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
+from sampling.decoding import AutoregressiveDecoder, Decoder, GenerationOutput, merge_outputs
 from sampling.decoding.stopping import StopStrings
 
 MAX_NEW = 12
@@ -263,3 +264,11 @@ def test_timings_and_counters_cover_refills(tiny, case):
 def test_invalid_max_batch_size(tiny):
     with pytest.raises(ValueError, match="max_batch_size"):
         generate(tiny, PROMPTS, CONFIGS["greedy"], SEEDS, max_batch_size=0)
+
+
+def test_the_decoder_has_the_protocol_signature():
+    ours = inspect.signature(AutoregressiveDecoder.generate).parameters
+    protocol = inspect.signature(Decoder.generate).parameters
+    assert [(p.name, p.kind, p.default) for p in ours.values()] == [
+        (p.name, p.kind, p.default) for p in protocol.values()
+    ]
