@@ -178,6 +178,8 @@ def generation_records(spec: JobSpec, result: JobResult) -> list[dict[str, Any]]
                 "seed": row.seed,
                 "category": prompt.category,
                 "prompt": prompt.text,
+                "answer": list(prompt.answer) if isinstance(prompt.answer, tuple) else prompt.answer,
+                "task_id": prompt.task_id,
                 "output": result.texts[index],
                 "prompt_tokens": len(result.prompt_ids[row.prompt_index]),
                 "new_tokens": len(output.token_ids[index]),
