@@ -107,11 +107,16 @@ def distinct_n_interval(
     confidence: float = CONFIDENCE,
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    correct_bias: bool = False,
 ) -> Interval:
     """Pooled distinct-n (`rtdlm_experiments.metrics.distinct_n`) with the bootstrap CI of
     `rtdlm_experiments.stats.bootstrap_statistic_ci` (same draws, same values), vectorised: a resample's
     unique n-grams are those of the groups it draws at least once, its total counts a group drawn twice
     twice. N-grams of a single group are counted per group; only shared ones need a presence table.
+
+    A prompt drawn twice duplicates its n-grams, so resampled distinct-n is biased low (the plain
+    percentile interval can lie wholly below the estimate). ``correct_bias`` shifts the resampled values
+    by that bias (their mean minus the estimate) before taking the percentiles.
 
     >>> interval = distinct_n_interval([[1, 2], [1, 2], [3, 4]], groups=[0, 0, 1], n=1, resamples=200)
     >>> interval.estimate, interval.low, interval.high
@@ -139,9 +144,12 @@ def distinct_n_interval(
     unique = (draws > 0) @ single + _shared_present(draws > 0, shared_groups)
     total = draws @ totals
     values = unique[total > 0] / total[total > 0]
+    estimate = len(holders) / float(totals.sum())
+    if correct_bias:
+        values = values - (values.mean() - estimate)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail])
-    return Interval(len(holders) / float(totals.sum()), float(low), float(high))
+    return Interval(estimate, float(low), float(high))
 
 
 def _shared_present(drawn: np.ndarray, shared_groups: list[list[int]]) -> np.ndarray:
@@ -165,12 +173,15 @@ def distinct_intervals(
     resamples: int = RESAMPLES,
     seed: int = SEED,
 ) -> dict[str, float]:
-    """CI entries of ``distinct_{1..4}`` (model tokens) and ``distinct_{1..4}_words`` (whitespace words)."""
+    """CI entries of ``distinct_{1..4}`` (model tokens) and ``distinct_{1..4}_words`` (whitespace words),
+    bias-corrected (see `distinct_n_interval`)."""
     words = [text.split() for text in texts]
     entries: dict[str, float] = {}
     for n in range(1, 5):
         for name, sequences in ((f"distinct_{n}", token_ids), (f"distinct_{n}_words", words)):
-            interval = distinct_n_interval(sequences, groups, n, resamples=resamples, seed=seed)
+            interval = distinct_n_interval(
+                sequences, groups, n, resamples=resamples, seed=seed, correct_bias=True
+            )
             entries |= interval_entries(name, interval)
     return entries
 
