@@ -63,6 +63,8 @@ def test_every_config_option_composes_and_validates(group: str, option: str, pro
         return
     if (group, option) == ("prompts", "file"):
         overrides.append(f"prompts.path={prompt_file}")
+    if (group, option) == ("prompts", "humaneval"):  # opt-in, tested in tests/test_quality_app.py
+        overrides.append("eval.allow_code_execution=true")
     assert app.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
 
 
@@ -76,10 +78,14 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
     jobs = [dict(zip(params, values, strict=True)) for values in itertools.product(*params.values())]
     for job in jobs:
         # Groups first: a field override like decoder.exit_layer applies to the chosen decoder.
-        ordered = sorted(job.items(), key=lambda item: "." in item[0])
-        spec = app.prepare_job(
-            compose_config(f"sweep={sweep}", *(f"{key}={value}" for key, value in ordered))
-        )
+        ordered = [f"{key}={value}" for key, value in sorted(job.items(), key=lambda item: "." in item[0])]
+        cfg = compose_config(f"sweep={sweep}", *ordered)
+        if cfg.prompts.name == "humaneval":  # a preset never opts in to running code for the user
+            assert not cfg.eval.allow_code_execution
+            with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
+                app.prepare_job(cfg)
+            cfg = compose_config(f"sweep={sweep}", *ordered, "eval.allow_code_execution=true")
+        spec = app.prepare_job(cfg)
         for key, value in job.items():
             if key.startswith("sampling."):
                 assert getattr(spec.sampling, key.removeprefix("sampling.")) == pytest.approx(float(value))
