@@ -33,7 +33,7 @@ from rtdlm_experiments.prompt_sets import Prompt, load_prompts, stop_strings
 from rtdlm_experiments.schema import ConfigError
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
+from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, Progress
 from sampling.decoding.stopping import StopStrings, truncate_at_stop
 
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -272,15 +272,12 @@ def decode_texts(
 
 
 def generation_options(spec: JobSpec, tokenizer: Any) -> dict[str, Any]:
-    """``stop_strings`` / ``ignore_eos`` keywords of ``Decoder.generate``, only when the job sets them (so
-    decoders that predate them keep working for every other job)."""
-    options: dict[str, Any] = {}
+    """The ``stop_strings`` / ``ignore_eos`` keywords of ``Decoder.generate`` for this job."""
+    stop_strings = None
     if spec.stop_strings:
         detokenize = functools.partial(tokenizer.decode, skip_special_tokens=True)
-        options["stop_strings"] = StopStrings(tuple(spec.stop_strings), lambda ids: detokenize(list(ids)))
-    if spec.ignore_eos:
-        options["ignore_eos"] = True
-    return options
+        stop_strings = StopStrings(tuple(spec.stop_strings), lambda ids: detokenize(list(ids)))
+    return {"stop_strings": stop_strings, "ignore_eos": spec.ignore_eos}
 
 
 def generate_rows(
@@ -289,25 +286,21 @@ def generate_rows(
     prompt_ids: Sequence[list[int]],
     rows: Sequence[Row],
     spec: JobSpec,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> GenerationOutput:
-    """Generate every row in batches of ``spec.batch_size``; ``progress(n)`` after each batch of n rows."""
-    outputs = []
-    for start in range(0, len(rows), spec.batch_size):
-        batch = rows[start : start + spec.batch_size]
-        outputs.append(
-            decoder.generate(
-                model,
-                [prompt_ids[row.prompt_index] for row in batch],
-                spec.sampling,
-                spec.max_new_tokens,
-                row_seeds=[row.seed for row in batch],
-                **generation_options(spec, getattr(model, "tokenizer", None)),
-            )
-        )
-        if progress is not None:
-            progress(len(batch))
-    return merge_outputs(outputs)
+    """Generate every row in one call with at most ``spec.batch_size`` rows in flight (a decoder that
+    refills gives a finished row's slot to the next row at once); ``progress(new_tokens,
+    released_budget)`` after every step."""
+    return decoder.generate(
+        model,
+        [prompt_ids[row.prompt_index] for row in rows],
+        spec.sampling,
+        spec.max_new_tokens,
+        row_seeds=[row.seed for row in rows],
+        max_batch_size=spec.batch_size,
+        progress=progress,
+        **generation_options(spec, getattr(model, "tokenizer", None)),
+    )
 
 
 def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = None) -> JobResult:
@@ -315,7 +308,8 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
 
     Non-autoregressive decoders are timed against the autoregressive decoder on the same rows, config
     and seeds, in this process, so the speedup compares like with like. Both are warmed up first.
-    ``progress_factory(total, description)`` returns a tqdm-like object with ``update(n)`` and ``close()``.
+    ``progress_factory(total_tokens, description)`` returns a bar with ``advance(new, released)`` and
+    ``close()``; its total is rows × max_new_tokens.
     """
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -400,9 +394,9 @@ def _generate_timed(
     outputs: dict[str, GenerationOutput] = {}
     for role, active in decoders.items():
         label = spec.decoder["name"] if role == "decoder" else "AR baseline"
-        bar = progress_factory(len(rows), label) if progress_factory else None
+        bar = progress_factory(len(rows) * spec.max_new_tokens, label) if progress_factory else None
         tick = time.perf_counter()
-        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.update if bar else None)
+        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.advance if bar else None)
         timings[f"{role}_wall_seconds"] = time.perf_counter() - tick
         if bar:
             bar.close()

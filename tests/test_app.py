@@ -18,7 +18,7 @@ from rtdlm_experiments import app, results
 from rtdlm_experiments.prompt_sets import Prompt, bundled_sets, load_prompts
 from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling import PRESETS
-from sampling.decoding import AutoregressiveDecoder, GenerationOutput
+from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
 
 CONF = config_dir()
 
@@ -255,7 +255,7 @@ def test_merge_outputs_concatenates_rows_and_adds_totals():
 
     first = batch([[1, 2]], seconds=1.0, calls=2, accepted=4.0, verified=4.0)
     second = batch([[3, 4, 5, 6]], seconds=0.5, calls=4, accepted=2.0, verified=8.0)
-    merged = app.merge_outputs([first, second])
+    merged = merge_outputs([first, second])
     assert merged.token_ids == [[1, 2], [3, 4, 5, 6]]
     assert merged.finished_by_stop == [True, False]
     assert merged.model_logprobs == [[-0.1] * 2, [-0.1] * 4]
