@@ -112,7 +112,9 @@ class TokenSampler:
         """μ₀ = 2τ per row when mirostat is on, else an empty state."""
         if not self.config.is_stateful:
             return SamplerState()
-        return SamplerState(torch.full((batch,), 2.0 * self.config.mirostat_tau, dtype=torch.float64, device=device))
+        return SamplerState(
+            torch.full((batch,), 2.0 * self.config.mirostat_tau, dtype=torch.float64, device=device)
+        )
 
     def distribution(
         self,
@@ -178,14 +180,18 @@ class TokenSampler:
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(seeds, steps, batch, device)
         candidates = self._candidates(modified, history, generated, mu, coin)
-        winner = noise.race_argmax(candidates.logits, noise.row_keys(seeds, steps), candidates.ids).unsqueeze(1)
+        winner = noise.race_argmax(candidates.logits, noise.row_keys(seeds, steps), candidates.ids).unsqueeze(
+            1
+        )
         tokens = candidates.ids.gather(1, winner).squeeze(1)
         log_probs = candidates.log_probs()
         token_logprobs = log_probs.gather(1, winner).squeeze(1)
         kept = torch.isfinite(candidates.logits)
         entropy = -torch.where(kept, log_probs.exp() * log_probs, 0.0).sum(1)
         new_state = self._advanced(state, mu, token_logprobs)
-        return SampleOutput(tokens, token_logprobs, _model_logprobs(raw, tokens), entropy, kept.sum(1), new_state)
+        return SampleOutput(
+            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy, kept.sum(1), new_state
+        )
 
     def advance_state(
         self,
@@ -287,7 +293,9 @@ class TokenSampler:
             return None
         mu = (state or self.initial_state(batch, device)).mu
         if mu is None or mu.shape != (batch,):
-            raise ValueError(f"state.mu must have shape ({batch},), got {None if mu is None else tuple(mu.shape)}")
+            raise ValueError(
+                f"state.mu must have shape ({batch},), got {None if mu is None else tuple(mu.shape)}"
+            )
         return mu.to(device)
 
     def _advanced(self, state, mu, token_logprobs) -> SamplerState | None:

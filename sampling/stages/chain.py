@@ -166,7 +166,9 @@ def split_chain(config: SamplingConfig) -> tuple[tuple[str, ...], tuple[str, ...
     return stages[:head], rest, first_filter == "upper" and "modifier" not in kinds
 
 
-def run_chain(values: torch.Tensor, stages: tuple[str, ...], ctx: ChainContext) -> tuple[torch.Tensor, torch.Tensor]:
+def run_chain(
+    values: torch.Tensor, stages: tuple[str, ...], ctx: ChainContext
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``stages`` in order. Also returns, per row, whether the result is exact: always in dense mode
     (``ctx.full`` None); on candidates, iff the first filter dropped the last (smallest) candidate, so
     that every token outside the candidates is provably dropped too."""

@@ -83,7 +83,9 @@ def _bucketed_threshold(keys: torch.Tensor, probs: torch.Tensor, mass: float) ->
     bottom = torch.where(finite, keys, top).amin(-1, keepdim=True)
     scale = (BUCKETS - 1) / (top - bottom).clamp(min=1e-30)
     bucket = ((top - keys) * scale).nan_to_num_(posinf=BUCKETS - 1).clamp_(0, BUCKETS - 1).long()
-    bucket_mass = torch.zeros(batch, BUCKETS, dtype=probs.dtype, device=keys.device).scatter_add_(1, bucket, probs)
+    bucket_mass = torch.zeros(batch, BUCKETS, dtype=probs.dtype, device=keys.device).scatter_add_(
+        1, bucket, probs
+    )
     above = bucket_mass.cumsum(-1) - bucket_mass
     boundary = ((above < mass).sum(-1, keepdim=True) - 1).clamp(min=0)
     members = (bucket == boundary) & finite

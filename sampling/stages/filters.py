@@ -20,7 +20,9 @@ def _log_probs(logits: torch.Tensor, log_total: torch.Tensor | None) -> torch.Te
     return logits.double() - log_total.unsqueeze(-1)
 
 
-def epsilon_filter(logits: torch.Tensor, epsilon: float, log_total: torch.Tensor | None = None) -> torch.Tensor:
+def epsilon_filter(
+    logits: torch.Tensor, epsilon: float, log_total: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep token i iff π_i ≥ ε (Hewitt et al. 2022's ε-sampling).
 
     >>> epsilon_filter(torch.log(torch.tensor([[0.6, 0.3, 0.1]])), 0.2).exp()
@@ -117,7 +119,9 @@ def xtc_filter(
     return logits.masked_fill(drop, NEG_INF)
 
 
-def mirostat_filter(logits: torch.Tensor, mu: torch.Tensor, log_total: torch.Tensor | None = None) -> torch.Tensor:
+def mirostat_filter(
+    logits: torch.Tensor, mu: torch.Tensor, log_total: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mirostat v2's cut (Basu et al. 2021): keep token i iff its surprise −log₂ π_i ≤ μ (``mu``: [B]).
 
     >>> mirostat_filter(torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]])), torch.tensor([2.5])).exp()
