@@ -39,8 +39,9 @@ _FIRST_CANDIDATES = 64
 _GROWTH = 8
 _MAX_CANDIDATES = 4096
 _CHUNK = 64
-XTC_STREAM = 7
-"""Noise stream of XTC's coin (the decoders use 1-3)."""
+_DENSE_BLOCK_ELEMENTS = 1 << 20
+XTC_STREAM, CHUNK_STREAM = 7, 8
+"""Noise streams of XTC's coin and of `chunked_race`'s first level (the decoders use 1-3)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,10 @@ class Candidates:
 
     ids: torch.Tensor
     logits: torch.Tensor
+    wide: torch.Tensor | None = None
+    """[B] bools: rows computed on the whole (large) vocabulary, ``ids`` = arange; None = no such row."""
+    narrow_width: int | None = None
+    """Columns that hold every candidate of the other rows (None: all)."""
 
     def log_probs(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=-1)
@@ -180,9 +185,7 @@ class TokenSampler:
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(seeds, steps, batch, device)
         candidates = self._candidates(modified, history, generated, mu, coin)
-        winner = noise.race_argmax(candidates.logits, noise.row_keys(seeds, steps), candidates.ids).unsqueeze(
-            1
-        )
+        winner = _race(candidates, seeds, steps).unsqueeze(1)
         tokens = candidates.ids.gather(1, winner).squeeze(1)
         log_probs = candidates.log_probs()
         token_logprobs = log_probs.gather(1, winner).squeeze(1)
@@ -241,27 +244,27 @@ class TokenSampler:
 
     def _candidates(self, modified, history, generated, mu, coin) -> Candidates:
         if not self._fast:
-            ctx = ChainContext(self.config, history, generated, mu=mu, xtc_active=coin)
-            final, _ = run_chain(modified, self._rest, ctx)
-            return Candidates(_all_ids(modified), final)
+            final = self._dense(modified, history, generated, mu, coin)
+            return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
         rest, config = self._rest, self.config
         vocab = modified.shape[1]
         first = next(s for s in rest if STAGES[s].kind != "scale")
         width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
         rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
         ids = final = None
+        narrow_width = width
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
             rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
             if width == vocab:  # the whole rows, unsorted
-                ctx = ChainContext(config, mu=rows_mu, xtc_active=rows_coin)
-                cand_ids, (row_final, decided) = _all_ids(rows), run_chain(rows, rest, ctx)
+                cand_ids, row_final = _all_ids(rows), self._dense(rows, None, None, rows_mu, rows_coin)
+                decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
             else:
                 values, cand_ids = top_candidates(rows, width)
                 ctx = ChainContext(config, full=rows, sorted_desc=True, mu=rows_mu, xtc_active=rows_coin)
                 row_final, decided = run_chain(values, rest, ctx)
             if pending is None and bool(decided.all()):  # the common case: one pass decides every row
-                return Candidates(cand_ids, row_final)
+                return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)
             if pending is None:
                 ids, final = cand_ids, row_final
                 pending = torch.arange(rows.shape[0], device=rows.device)
@@ -271,12 +274,31 @@ class TokenSampler:
                 done = pending[decided]
                 ids[done] = cand_ids[decided]
                 final[done] = row_final[decided]
+            narrow_width = narrow_width if width == vocab else width
             pending = pending[~decided]
             if not pending.numel():
-                return Candidates(ids, final)
+                wide = None
+                if vocab > _MAX_CANDIDATES and width == vocab:
+                    wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                    wide[done] = True  # the rows this pass over the whole vocabulary decided
+                return Candidates(ids, final, wide, narrow_width)
             rows = modified[pending]
             width = width * _GROWTH
             width = vocab if width > _MAX_CANDIDATES or width * 4 > vocab else width
+
+    def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
+        """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
+        for the allocator to reuse (fresh pages for each 40 MB temporary cost more than the arithmetic)."""
+        block = max(1, _DENSE_BLOCK_ELEMENTS // rows.shape[1])
+        finals = []
+        for start in range(0, rows.shape[0], block):
+            part = slice(start, start + block)
+            history_part, generated_part, mu_part, coin_part = (
+                x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
+            )
+            ctx = ChainContext(self.config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
+            finals.append(run_chain(rows[part], self._rest, ctx)[0])
+        return finals[0] if len(finals) == 1 else torch.cat(finals)
 
     def _modify(self, raw, history, generated) -> torch.Tensor:
         """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
@@ -330,6 +352,51 @@ class TokenSampler:
         if self.config.seed is not None:
             return torch.full((batch,), self.config.seed, dtype=torch.long, device=device)
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
+
+
+def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    if rows.shape[1] <= _MAX_CANDIDATES:
+        return None
+    return torch.ones(batch, dtype=torch.bool, device=rows.device)
+
+
+def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The winning column per row: an exponential race over the candidates, keyed by token id; rows on
+    the whole vocabulary race in two levels instead (`chunked_race`: the same distribution, a tenth of
+    the hashing). Which applies depends on the row alone, so draws stay batch-invariant."""
+    keys = noise.row_keys(seeds, steps)
+    wide = candidates.wide
+    if wide is None or not bool(wide.any()):
+        return noise.race_argmax(candidates.logits, keys, candidates.ids)
+    winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
+    narrow = ~wide
+    if bool(narrow.any()):
+        width = candidates.narrow_width or candidates.ids.shape[1]
+        logits, ids = candidates.logits[narrow, :width], candidates.ids[narrow, :width]
+        winner[narrow] = noise.race_argmax(logits, keys[narrow], ids)
+    chunk_keys = noise.row_keys(seeds[wide], steps[wide], CHUNK_STREAM)
+    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys)
+    return winner
+
+
+def chunked_race(
+    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor, chunk: int = _CHUNK
+) -> torch.Tensor:
+    """A token per row with probability softmax(logits): a race among chunks of ``chunk`` consecutive ids
+    weighted by their mass (noise keyed by chunk index), then a race inside the winning chunk (keyed by
+    token id). P(i) = P(chunk of i)·P(i | chunk) = π_i; one exp pass instead of hashing every token."""
+    batch, vocab = logits.shape
+    full = vocab // chunk
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
+    if vocab > full * chunk:
+        masses = torch.cat([masses, weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)], 1)
+    starts = noise.race_argmax(masses.log(), chunk_keys) * chunk
+    columns = starts.unsqueeze(1) + torch.arange(chunk, device=logits.device)
+    inside = columns < vocab
+    columns = columns.clamp(max=vocab - 1)
+    window = logits.gather(1, columns).masked_fill(~inside, NEG_INF)
+    return columns.gather(1, noise.race_argmax(window, keys, columns).unsqueeze(1)).squeeze(1)
 
 
 def _all_ids(rows: torch.Tensor) -> torch.Tensor:
