@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from sampling import SamplingConfig, TokenSampler
-from sampling.sampler import SamplerState
+from sampling import SamplingConfig, TokenSampler, noise
+from sampling.sampler import CHUNK_STREAM, SamplerState, chunked_race
 
 STAT_LOGITS = torch.tensor([1.6, 1.2, 1.0, 1.0, 0.7, 0.2, -0.5, -1.0, -2.0, float("-inf")])
 STAT_HISTORY = torch.tensor([0, 1, 2, 4, 0, 1, 2, 5, 0, 1])
@@ -175,3 +175,38 @@ def test_new_stage_samples_follow_distribution_and_reject_the_wrong_rule(name):
         assert _chi_square_p(tokens, wrong_probs) < 1e-3
     except AssertionError as error:
         assert "zero probability" in str(error)
+
+
+@pytest.mark.slow
+def test_chunked_race_follows_softmax_and_rejects_uniform_chunks():
+    row = torch.full((700,), float("-inf"))  # 10 full chunks of 64 and a ragged tail of 60
+    ids = torch.tensor([3, 5, 70, 71, 72, 300, 301, 500, 639, 640, 690, 699])
+    row[ids] = torch.linspace(1.0, -1.0, 12)
+    draws = 100_000
+    seeds, steps = torch.arange(draws), torch.full((draws,), 1)
+    tokens = chunked_race(
+        row.expand(draws, -1), noise.row_keys(seeds, steps), noise.row_keys(seeds, steps, CHUNK_STREAM)
+    )
+    probs = torch.softmax(row, 0)
+    assert _chi_square_p(tokens, probs) > 1e-3
+    # the wrong rule: pick a non-empty chunk uniformly, then a token inside it by its weight
+    chunks = (ids // 64).unique()
+    wrong = torch.zeros_like(probs)
+    for chunk in chunks:
+        inside = probs * (torch.arange(700) // 64 == chunk)
+        wrong += inside / inside.sum() / chunks.numel()
+    assert _chi_square_p(tokens, wrong) < 1e-3
+
+
+def test_wide_row_draws_are_batch_invariant():
+    gen = torch.Generator().manual_seed(4)
+    flat = torch.randn(2, 6000, generator=gen) * 0.01  # nucleus > 4096: whole-row chain, two-level race
+    narrow = torch.randn(5, 6000, generator=gen)
+    narrow[:, 100:110] += 30.0  # a nucleus of 10 tokens: decided on candidates
+    batch = torch.cat([flat[:1], narrow, flat[1:]])
+    sampler = TokenSampler(SamplingConfig(top_p=0.999, temperature=1.5))
+    seeds = torch.arange(7) + 100
+    assert sampler.candidates(batch).wide.tolist() == [True, *[False] * 5, True]
+    full = sampler.sample(batch, row_seeds=seeds, step=2).tokens
+    for b in range(7):
+        assert sampler.sample(batch[b : b + 1], row_seeds=seeds[b : b + 1], step=2).tokens.item() == full[b]
