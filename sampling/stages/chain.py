@@ -59,12 +59,15 @@ class ChainContext:
     def _row(self, values: torch.Tensor) -> torch.Tensor:
         if self.full is None:
             return values
-        if self._scaled is None:
-            self._scaled = self.full.double() * self.scale
+        if (
+            self._scaled is None
+        ):  # float32 like the logits: a float64 copy of a batch costs more than its sums
+            scale = self.scale.float() if isinstance(self.scale, torch.Tensor) else self.scale
+            self._scaled = self.full * scale
         return self._scaled
 
     def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
-        return None if self.full is None else logsumexp(self._row(values))
+        return None if self.full is None else logsumexp(self._row(values)).double()
 
     def entropy(self, values: torch.Tensor) -> torch.Tensor:
         return entropy(self._row(values))
