@@ -253,6 +253,7 @@ class TokenSampler:
         rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
         ids = final = None
         narrow_width = width
+        stats: dict = {}  # whole-row statistics, computed once for every row
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
             rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
@@ -261,7 +262,15 @@ class TokenSampler:
                 decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
             else:
                 values, cand_ids = top_candidates(rows, width)
-                ctx = ChainContext(config, full=rows, sorted_desc=True, mu=rows_mu, xtc_active=rows_coin)
+                ctx = ChainContext(
+                    config,
+                    full=rows,
+                    sorted_desc=True,
+                    mu=rows_mu,
+                    xtc_active=rows_coin,
+                    stats=stats,
+                    rows=pending,
+                )
                 row_final, decided = run_chain(values, rest, ctx)
             if pending is None and bool(decided.all()):  # the common case: one pass decides every row
                 return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)

@@ -54,35 +54,48 @@ class ChainContext:
     sorted_desc: bool = False
     mu: torch.Tensor | None = None
     xtc_active: torch.Tensor | bool = True
+    stats: dict[tuple[str, int], torch.Tensor] | None = None
+    """Whole-row statistics of every row, shared by the passes of one candidate search (rows ``rows``)."""
+    rows: torch.Tensor | None = None
     _scaled: torch.Tensor | None = field(default=None, repr=False)
+    _rescales: int = 0
 
-    def _row(self, values: torch.Tensor) -> torch.Tensor:
-        if self.full is None:
-            return values
-        if (
-            self._scaled is None
-        ):  # float32 like the logits: a float64 copy of a batch costs more than its sums
+    def _row(self) -> torch.Tensor:
+        if self._scaled is None:  # float32: a float64 copy of a batch costs more than its sums
             scale = self.scale.float() if isinstance(self.scale, torch.Tensor) else self.scale
             self._scaled = self.full * scale
         return self._scaled
 
+    def _stat(self, name: str, values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
+        if self.full is None:
+            return compute(values)
+        key = (name, self._rescales)
+        if self.stats is None or (key not in self.stats and self.rows is not None):
+            return compute(self._row())
+        if key not in self.stats:
+            self.stats[key] = compute(self._row())
+        return self.stats[key] if self.rows is None else self.stats[key][self.rows]
+
     def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
-        return None if self.full is None else logsumexp(self._row(values)).double()
+        if self.full is None:
+            return None
+        return self._stat("log_total", values, lambda row: logsumexp(row).double())
 
     def entropy(self, values: torch.Tensor) -> torch.Tensor:
-        return entropy(self._row(values))
+        return self._stat("entropy", values, entropy)
 
     def count(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.isfinite(self._row(values)).sum(-1)
+        return self._stat("count", values, lambda row: torch.isfinite(row).sum(-1))
 
     def sigma(self, values: torch.Tensor) -> torch.Tensor:
-        return finite_std(self._row(values))
+        return self._stat("sigma", values, finite_std)
 
     def rescale(self, temperature: torch.Tensor | float) -> None:
         if isinstance(temperature, torch.Tensor):
             temperature = temperature.view(-1, 1)
         self.scale = self.scale / temperature
         self._scaled = None
+        self._rescales += 1
 
 
 def _temperature(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
