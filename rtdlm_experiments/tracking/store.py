@@ -1,0 +1,187 @@
+"""Connecting to the MLflow store: the URI, the client, safe creation of the embedded SQLite store, the
+experiment (set up so the UI opens on its runs table) and the UI links printed after a job or sweep.
+
+MLflow is imported lazily: its import costs seconds and starts its telemetry, which is switched off
+first (see `_MLFLOW_ENV_DEFAULTS`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rtdlm_experiments.schema import output_root
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+log = logging.getLogger(__name__)
+
+_MLFLOW_ENV_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # no "View run ... at" line per run
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",  # an unreachable server fails in seconds, not minutes
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""Applied with ``setdefault``: a value in the environment wins."""
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""The MLflow 3 UI reads this experiment tag to choose between its GenAI pages and the classic runs
+table; ``custom_model_development`` ("Machine learning") opens on the runs table."""
+EXPERIMENT_KIND = "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"
+"""The experiment's description in the UI."""
+EXPERIMENT_DESCRIPTION = (
+    "Sampling experiments from rtdlm-experiments. Each sweep is a parent run (`sweep <what is swept> · "
+    "<model>`, with the summary table attached) whose child runs are its jobs; single jobs are runs named "
+    "`preset · decoder · model`. Metrics are grouped as diversity/, repetition/, quality/, likelihood/, "
+    "speed/ and spec/ (draft-then-verify decoders only). Each run's artifacts hold generations.html "
+    "(prompts and completions), results.json and the composed config."
+)
+
+_STORE_INIT_ATTEMPTS = 5
+_STORE_LOCK_TIMEOUT_S = 300
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, at most 300 characters: enough for a one-line warning.
+
+    >>> first_line(ValueError("bad value\\nlong details"))
+    'bad value'
+    """
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def default_tracking_uri() -> str:
+    """The embedded SQLite store under the output root (no server needed)."""
+    return f"sqlite:///{output_root() / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else `default_tracking_uri`."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """A client for ``uri``; raises `TrackingUnavailable` at once when an HTTP server does not answer.
+
+    An embedded SQLite store is created (or migrated) under a file lock, so processes started together
+    (the jobs of a sweep, ``report``, ``mlflow ui`` opened right away) never migrate it at once.
+    """
+    for key, value in _MLFLOW_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if db_path := sqlite_path(uri):
+        initialize_store(client, db_path)
+    return client
+
+
+def initialize_store(client: MlflowClient, db_path: Path) -> None:
+    """Create or migrate the SQLite store behind ``client`` holding ``<db>.lock``, retrying a failed
+    attempt (another program that does not take the lock may be migrating it)."""
+    from filelock import FileLock
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(db_path) + ".lock", timeout=_STORE_LOCK_TIMEOUT_S):
+        for attempt in range(1, _STORE_INIT_ATTEMPTS + 1):
+            try:
+                client.search_experiments(max_results=1)  # builds the store: tables, migrations
+                return
+            except Exception as err:
+                if attempt == _STORE_INIT_ATTEMPTS:
+                    raise TrackingUnavailable(f"cannot open {db_path}: {first_line(err)}") from err
+                log.info("opening %s failed (%s); retrying", db_path, first_line(err))
+                time.sleep(0.5 * attempt)
+
+
+def _check_server(uri: str, timeout: float = 3.0) -> None:
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered; whether /health exists behind a proxy does not matter
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingUnavailable(f"MLflow server {uri} is unreachable ({reason})") from err
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """
+    >>> sqlite_path("sqlite:////tmp/mlflow.db"), sqlite_path("http://host:5000")
+    (PosixPath('/tmp/mlflow.db'), None)
+    """
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if needed, tagged so the UI opens on its runs table and
+    shows a description. With a SQLite store its artifacts go to ``mlartifacts/<name>`` beside the
+    database (MLflow's default would be relative to the cwd)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        artifact_location = None
+        if db_path := sqlite_path(client.tracking_uri):
+            slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+            artifact_location = (db_path.parent / "mlartifacts" / slug).resolve().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=artifact_location)
+        tags: dict[str, str] = {}
+    else:
+        experiment_id, tags = experiment.experiment_id, dict(experiment.tags)
+    if EXPERIMENT_KIND_TAG not in tags:  # a kind a user picked in the UI is kept
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    if DESCRIPTION_TAG not in tags:
+        client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
+    return experiment_id
+
+
+# --- where to look --------------------------------------------------------------------------------------
+
+DEFAULT_UI = "http://127.0.0.1:5000"
+
+
+def ui_base(tracking_uri: str) -> str:
+    """The web UI serving ``tracking_uri``: the server itself, or where ``mlflow ui`` listens by default.
+
+    >>> ui_base("http://host:5000/"), ui_base("sqlite:////tmp/mlflow.db")
+    ('http://host:5000', 'http://127.0.0.1:5000')
+    """
+    return tracking_uri.rstrip("/") if tracking_uri.startswith(("http://", "https://")) else DEFAULT_UI
+
+
+def runs_table_url(tracking_uri: str, experiment_id: str) -> str:
+    """The experiment's classic runs table (not MLflow 3's GenAI overview).
+
+    >>> runs_table_url("http://h:5000", "3")
+    'http://h:5000/#/experiments/3/runs?workflowType=machine_learning'
+    """
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """One run's page.
+
+    >>> run_url("http://h:5000", "3", "abc")
+    'http://h:5000/#/experiments/3/runs/abc'
+    """
+    return f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The command that serves an embedded store's UI (None for a server, which already has one)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    return f"mlflow ui --backend-store-uri {tracking_uri} --workers 1"
