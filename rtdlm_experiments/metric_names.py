@@ -31,7 +31,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("likelihood", re.compile(r"^(nll_|perplexity|mean_entropy|mean_kept|mean_logprob)")),
     ("speed", re.compile(
         r"^(tokens_per_second|ms_per_token|time_to_first_token|sampler_us|target_forwards|new_tokens"
-        r"|speedup|\w*_seconds)$"
+        r"|speedup)|_seconds$"
     )),
     ("quality", re.compile(r"^(pass_at_|exact_match|contains_answer|accuracy|score)")),
 )  # fmt: skip
@@ -56,6 +56,8 @@ def namespace_of(name: str) -> str:
     ['diversity', 'repetition', 'likelihood', 'speed']
     >>> [namespace_of(m) for m in ("predicted_speedup", "acceptance_rate_pos1", "pass_at_1_ci_high")]
     ['spec', 'spec', 'quality']
+    >>> namespace_of("time_to_first_token_ms"), namespace_of("draft_seconds"), namespace_of("load_seconds")
+    ('speed', 'spec', 'speed')
     >>> namespace_of("something_new")
     'other'
     """

@@ -14,7 +14,14 @@ names), `contents` (what a run holds, built from a saved job), `jobs` (a job's r
 runs), `sweeps` (parent runs).
 """
 
-from rtdlm_experiments.tracking.jobs import TrackedRun, is_logged, log_job, start_job_run, upload_job
+from rtdlm_experiments.tracking.jobs import (
+    TrackedRun,
+    discard_job_run,
+    is_logged,
+    log_job,
+    start_job_run,
+    upload_job,
+)
 from rtdlm_experiments.tracking.runs import (
     child_runs,
     find_run,
@@ -51,6 +58,7 @@ __all__ = [
     "child_runs",
     "common_params",
     "default_tracking_uri",
+    "discard_job_run",
     "end_if_running",
     "ensure_experiment",
     "find_run",

@@ -255,3 +255,12 @@ def upload_job(
             uri, type(err).__name__, first_line(err), job_dir, sweep_dir or job_dir,
         )  # fmt: skip
         return None
+
+
+def discard_job_run(started: TrackedRun) -> None:
+    """Delete a run `start_job_run` opened for a job that turned out to be a rejected config (nothing of
+    it should remain). Never raises."""
+    try:
+        mlflow_client(started.tracking_uri).delete_run(started.run_id)
+    except Exception as err:
+        log.info("could not delete MLflow run %s (%s)", started.run_id, first_line(err))
