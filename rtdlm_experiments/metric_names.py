@@ -132,3 +132,25 @@ def resolve_metric(name: str, available: Iterable[str]) -> str | None:
         if candidate in columns:
             return candidate
     return None
+
+
+_FRACTIONS = re.compile(
+    r"^(distinct_|self_bleu|seq_rep_|rep_w|loop_rate|acceptance_rate|analytic_acceptance|pass_at_|exact_match"
+    r"|contains_answer|accuracy)"
+)
+_SIGNED = re.compile(r"^(zipf_|mean_logprob)|change")
+
+
+def value_range(name: str) -> tuple[float | None, float | None]:
+    """The values a metric can take, for plot axes: fractions lie in [0, 1], most other metrics are
+    non-negative, a few are signed (None = unbounded).
+
+    >>> value_range("distinct_2"), value_range("speed/speedup"), value_range("zipf_coefficient")
+    ((0.0, 1.0), (0.0, None), (None, None))
+    """
+    base = base_metric(plain_name(name))
+    if _FRACTIONS.search(base):
+        return 0.0, 1.0
+    if _SIGNED.search(base):
+        return None, None
+    return 0.0, None
