@@ -31,6 +31,7 @@ from rtdlm_experiments.results import (
 from rtdlm_experiments.schema import output_root
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -121,11 +122,18 @@ def to_markdown(table: pd.DataFrame, float_digits: int = 3) -> str:
 
 
 def plot_summary(table: pd.DataFrame, path: Path) -> Path:
+    """Render `summary_figure` to ``path`` (PNG); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    summary_figure(table).savefig(path, dpi=100)
+    return path
+
+
+def summary_figure(table: pd.DataFrame) -> Figure:
     """Diversity vs repetition (distinct-2 against seq-rep-4) plus speedup bars when some run has a
     speedup. Every run has a number and a colour: the points and bars carry the numbers (nearby points
     share one label), the key below the plots maps each number to the full run name. Axes cover each
     metric's possible range (`axis_limits`); ``<m>_ci_low``/``<m>_ci_high`` columns become error bars.
-    Returns ``path``."""
+    The key is the last axes' legend."""
     from matplotlib.figure import Figure  # the object API renders with Agg, no display or pyplot state
     from matplotlib.lines import Line2D
 
@@ -143,9 +151,7 @@ def plot_summary(table: pd.DataFrame, path: Path) -> Path:
     handles = [Line2D([], [], color=style["color"], marker=style["marker"], linestyle="") for style in runs]
     labels = [f"{style['number']}  {name}" for style, name in zip(runs, table["run"], strict=True)]
     key.legend(handles, labels, loc="upper left", fontsize=8, frameon=False, title="runs", alignment="left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return figure
 
 
 _MARKERS = "osD^vP*Xh<>"
