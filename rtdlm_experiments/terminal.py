@@ -28,6 +28,7 @@ class TokenProgress:
         from tqdm import tqdm
 
         self.generated = 0
+        self.accounted = 0
         self._started = time.perf_counter()
         disable = None if enabled is None else not enabled  # None: tqdm disables itself off a TTY
         self._bar = tqdm(total=total_tokens, desc=description, unit="tok", disable=disable, leave=False)
@@ -35,6 +36,7 @@ class TokenProgress:
     def advance(self, new_tokens: int, released_budget: int = 0) -> None:
         """Count one step: ``new_tokens`` generated, ``released_budget`` given back by rows that ended."""
         self.generated += new_tokens
+        self.accounted += new_tokens + released_budget
         self._bar.update(new_tokens + released_budget)
         elapsed = time.perf_counter() - self._started
         if elapsed > 0:
@@ -42,12 +44,8 @@ class TokenProgress:
 
     def update(self, n: int) -> None:
         """tqdm's own call, for callers that count whole units without a token split."""
+        self.accounted += n
         self._bar.update(n)
-
-    @property
-    def position(self) -> int:
-        """How much of the budget is accounted for."""
-        return int(self._bar.n)
 
     def close(self) -> None:
         self._bar.close()
