@@ -84,28 +84,31 @@ def mlflow_client(uri: str) -> MlflowClient:
         _check_server(uri)
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
     if db_path := sqlite_path(uri):
-        initialize_store(client, db_path)
-    return client
+        return open_sqlite_store(uri, db_path)
+    return MlflowClient(tracking_uri=uri)
 
 
-def initialize_store(client: MlflowClient, db_path: Path) -> None:
-    """Create or migrate the SQLite store behind ``client`` holding ``<db>.lock``, retrying a failed
-    attempt (another program that does not take the lock may be migrating it)."""
+def open_sqlite_store(uri: str, db_path: Path) -> MlflowClient:
+    """A client of the SQLite store at ``db_path``, created or migrated (which MLflow does when the
+    client is made) while holding ``<db>.lock``; a failed attempt is retried, since a program that
+    does not take the lock (``mlflow ui``) may be migrating it at the same time."""
     from filelock import FileLock
+    from mlflow import MlflowClient
 
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(db_path) + ".lock", timeout=_STORE_LOCK_TIMEOUT_S):
         for attempt in range(1, _STORE_INIT_ATTEMPTS + 1):
             try:
-                client.search_experiments(max_results=1)  # builds the store: tables, migrations
-                return
+                client = MlflowClient(tracking_uri=uri)  # builds the store: tables, migrations
+                client.search_experiments(max_results=1)
+                return client
             except Exception as err:
                 if attempt == _STORE_INIT_ATTEMPTS:
                     raise TrackingUnavailable(f"cannot open {db_path}: {first_line(err)}") from err
                 log.info("opening %s failed (%s); retrying", db_path, first_line(err))
                 time.sleep(0.5 * attempt)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def _check_server(uri: str, timeout: float = 3.0) -> None:
