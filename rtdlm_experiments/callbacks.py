@@ -45,8 +45,10 @@ def sweep_info(config: DictConfig) -> dict[str, Any]:
         for override in task_overrides
         if override.is_sweep_override()
     }
+    fixed = {override.key_or_group for override in task_overrides}  # the command line wins over a preset
     for key, values in (config.hydra.sweeper.get("params") or {}).items():
-        swept.setdefault(str(key), str(values))
+        if str(key) not in fixed:
+            swept.setdefault(str(key), str(values))
     return {
         "name": config.hydra.runtime.choices.get("sweep") or "multirun",
         "run_name": names.sweep_run_name(swept, config.get("model", {}).get("name")),
