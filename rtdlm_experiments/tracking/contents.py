@@ -115,7 +115,7 @@ def generations_html(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         "<style>body{font-family:sans-serif;margin:1em}pre{white-space:pre-wrap;background:#f6f8fa;"
         "padding:.5em;margin:.2em 0}table{border-collapse:collapse;margin-bottom:1.5em;width:100%}"
         "td,th{border:1px solid #ddd;padding:4px;vertical-align:top;text-align:left}"
-        "th{background:#eef}</style>",
+        "th{background:#eef}td.completion{width:60%}</style>",
         f"<h2>{html.escape(title)}</h2>",
     ]
     previous_prompt = None
@@ -135,7 +135,7 @@ def generations_html(rows: Sequence[Mapping[str, Any]], title: str) -> str:
         cells = "".join(f"<td>{html.escape(_cell(row.get(key)))}</td>" for key in metric_keys)
         parts.append(
             f"<tr><td>{row.get('sample_index')}</td>"
-            f"<td><pre>{html.escape(str(row.get('output', '')))}</pre></td>{cells}</tr>"
+            f"<td class='completion'><pre>{html.escape(str(row.get('output', '')))}</pre></td>{cells}</tr>"
         )
     if previous_prompt is not None:
         parts.append("</table>")
