@@ -192,8 +192,11 @@ def test_experiments_open_on_the_runs_table_and_keep_a_kind_the_user_chose(tmp_p
     assert tracking.ensure_experiment(client, "fresh") == experiment_id
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "genai_development"
     assert tracking.runs_table_url(client.tracking_uri, experiment_id).endswith(
-        f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey=rtdlm"
     )
+    view = json.loads(client.get_experiment(experiment_id).tags["mlflow.sharedViewState.rtdlm"])
+    assert "metrics.`diversity/distinct_2`" in view["selectedColumns"]  # the link opens with metric columns
+    assert view["orderByKey"] == "metrics.`diversity/distinct_2`"
 
 
 # --- the summary plot ---------------------------------------------------------------------------------
