@@ -67,6 +67,8 @@ def quiet_third_party_progress(stream: Any = None) -> bool:
         os.environ.setdefault(key, value)
     if "transformers" in sys.modules:  # else the variables above reach it when it is imported
         sys.modules["transformers"].utils.logging.disable_progress_bar()
+    if "huggingface_hub" in sys.modules:
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
     return True
 
 
