@@ -5,54 +5,87 @@ python -m rtdlm_experiments sampling=creative sampling.min_p=0.1
 python -m rtdlm_experiments -m sampling=creative,balanced     # one MLflow parent, two children
 python -m rtdlm_experiments sweep=presets                     # a preset sweep from conf/sweep/
 python -m rtdlm_experiments --cfg job                         # print the composed config
+python -m rtdlm_experiments --help                            # groups, options, examples
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app, results, tracking
+from rtdlm_experiments import app, results, terminal, tracking
+from rtdlm_experiments.environment import environment_info
 from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.tracking import names
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> dict[str, float]:
-    """Validate, generate, save the results to the job folder, then upload them (never the reverse)."""
+    """Validate, open the job's run, generate, save the results to the job folder, then fill and end the
+    run (never the reverse). A config rejected before generating leaves nothing behind in a single run."""
+    terminal.quiet_third_party_progress()
     hydra_cfg = HydraConfig.get()
-    job = job_meta(hydra_cfg)
+    job = job_meta(hydra_cfg, cfg)
     job_dir = Path(job.output_dir)
     sweep_dir = Path(job.sweep_dir) if job.sweep_dir else None
     tracked = cfg.tracking.backend == "mlflow"
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if tracked else None
-    spec = None
+    spec = started = None
     try:
         spec = app.prepare_job(cfg)
         if finished := _finished_earlier(cfg, spec, sweep_dir):
             return _reuse(cfg, spec, job, finished, tracking_uri)
-        result = app.run_job(spec, progress_factory=_progress_bar)
+        if tracked:
+            started = tracking.start_job_run(
+                cfg.tracking.uri, cfg.experiment_name, _pending_record(cfg, spec, job), sweep_dir
+            )
+        result = app.run_job(spec, progress_factory=terminal.progress_factory)
     except Exception as err:
         if isinstance(err, ConfigError) and hydra_cfg.mode == RunMode.RUN:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _reject(job_dir, started, err)
         config = app.resolved_config(cfg, spec) if spec else OmegaConf.to_container(cfg, resolve=True)
         results.save_job(job_dir, results.failure_record(config, job, err, tracking_uri), [])
         if tracked:
-            tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir)
+            tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir, started)
         raise
 
     record = results.job_record(app.resolved_config(cfg, spec), result, job, tracking_uri)
     results.save_job(job_dir, record, results.generation_records(spec, result))
-    run = tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir) if tracked else None
-    print(format_summary(record, job_dir, run, cfg.experiment_name))
+    run = None
+    if tracked:
+        run = tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir, started)
+    print(format_summary(record, job_dir, run if sweep_dir is None else None))
     return result.metrics
+
+
+def _pending_record(cfg: DictConfig, spec: app.JobSpec, job: results.JobMeta) -> dict[str, Any]:
+    """What is known of a job before it generates: enough to open its run (name, tags, params)."""
+    config = app.resolved_config(cfg, spec)
+    return {
+        "status": "RUNNING",
+        "config": config,
+        "config_hash": results.config_hash(config),
+        "job": asdict(job),
+        "environment": environment_info(),
+    }
+
+
+def _reject(job_dir: Path, started: tracking.TrackedRun | None, err: Exception) -> NoReturn:
+    """A single run's config the app cannot run: one line, exit 2, and no run folder or run left."""
+    if started is not None:
+        tracking.discard_job_run(started)
+    shutil.rmtree(job_dir, ignore_errors=True)  # Hydra made it (.hydra/, the log) before the job ran
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 def _finished_earlier(cfg: DictConfig, spec: app.JobSpec, sweep_dir: Path | None) -> dict[str, Any] | None:
@@ -78,18 +111,21 @@ def _reuse(
     return record["metrics"]
 
 
-def job_meta(hydra_cfg: DictConfig) -> results.JobMeta:
-    """This job's place in its run or sweep. In a sweep its run name is its value of each swept key
-    (``sampling=creative``, not ``sampling=creative model=tiny-random``); else all its overrides."""
+def job_meta(hydra_cfg: DictConfig, cfg: DictConfig) -> results.JobMeta:
+    """This job's place in its run or sweep, and its run name (`rtdlm_experiments.tracking.names`): in a
+    sweep its own values of the swept keys, else ``preset · decoder · model``."""
     overrides = list(hydra_cfg.overrides.task)
     sweep_dir = None
-    name_parts = overrides
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
-        if swept := (results.read_sweep_info(sweep_dir) or {}).get("swept_keys"):
-            name_parts = [override for override in overrides if _override_key(override) in swept]
+        swept = (results.read_sweep_info(sweep_dir) or {}).get("swept_keys") or []
+        run_name = names.child_run_name(overrides, swept)
+    else:
+        run_name = names.single_run_name(
+            str(cfg.sampling.preset), str(cfg.decoder.name), str(cfg.model.name), overrides
+        )
     return results.JobMeta(
-        run_name=" ".join(name_parts) or "default",
+        run_name=run_name,
         overrides=overrides,
         num=int(hydra_cfg.job.get("num") or 0),
         output_dir=str(Path(hydra_cfg.runtime.output_dir).resolve()),
@@ -98,38 +134,24 @@ def job_meta(hydra_cfg: DictConfig) -> results.JobMeta:
     )
 
 
-def _override_key(override: str) -> str:
-    """``+sampling.top_p=0.9`` → ``sampling.top_p`` (Hydra hands jobs their overrides as ``key=value``)."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def format_summary(
-    record: dict[str, Any], job_dir: Path, run: tracking.TrackedRun | None, experiment_name: str
-) -> str:
-    """The few lines printed after a job: key metrics, where the files are, where the MLflow run is."""
+def format_summary(record: dict[str, Any], job_dir: Path, run: tracking.TrackedRun | None) -> str:
+    """The few lines printed after a job: key metrics, where the files are and, for a single run, where
+    to see it (a sweep prints its link once, at its end)."""
     config, metrics = record["config"], record["metrics"]
     lines = [
-        f"== {record['job']['run_name']} | model={config['model']['name']} | "
-        f"preset={config['sampling']['preset']} | decoder={config['decoder']['name']} | "
-        f"{record['num_prompts']} prompts x {config['num_samples']} samples x "
-        f"{config['max_new_tokens']} new tokens"
+        f"== {record['job']['run_name']} | {record['num_prompts']} prompts x {config['num_samples']} "
+        f"samples x {config['max_new_tokens']} new tokens"
     ]
-    shown = [name for name in results.KEY_METRICS if name in metrics]
+    shown = [name for name in results.KEY_METRICS if terminal.with_interval(metrics, name)]
     width = max(map(len, shown), default=0)
-    lines += [f"  {name:<{width}}  {metrics[name]:.4g}" for name in shown]
+    lines += [f"  {name:<{width}}  {terminal.with_interval(metrics, name, digits=4)}" for name in shown]
     lines.append(f"results: {job_dir / results.RESULTS_FILE}")
     if run is not None:
-        lines.append(f"mlflow:  run {run.run_id} in experiment {experiment_name!r} at {run.tracking_uri}")
-        if run.tracking_uri.startswith("sqlite:"):
-            lines.append(f"         browse: mlflow ui --backend-store-uri {run.tracking_uri} --workers 1")
+        url = tracking.runs_table_url(run.tracking_uri, run.experiment_id)
+        lines.append(f"mlflow:  {url}  (run {run.run_id})")
+        if command := tracking.ui_command(run.tracking_uri):
+            lines.append(f"         serve the store first: {command}")
     return "\n".join(lines)
-
-
-def _progress_bar(total: int, description: str) -> Any:
-    """A tqdm bar over generated sequences; silent when stderr is not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=description, unit="seq", disable=None, leave=False)
 
 
 if __name__ == "__main__":

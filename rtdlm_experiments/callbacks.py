@@ -3,8 +3,8 @@
 Before any job starts, in the launching process, it writes ``<sweep dir>/sweep.json`` (which every job
 reads, whatever launcher runs it: joblib workers, submitit/Slurm jobs) and, with MLflow tracking, opens
 the sweep's parent run. When the sweep ends, also when Hydra aborts it after a failed job, it writes the
-summary table and plot (`rtdlm_experiments.report.summarize_sweep`) and ends the parent FINISHED or
-FAILED with them attached.
+summary table and plot (`rtdlm_experiments.report.summarize_sweep`), ends the parent FINISHED or
+FAILED with them attached, and prints the table, each failed job's error and the UI link once.
 """
 
 from __future__ import annotations
@@ -18,26 +18,41 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from rtdlm_experiments import tracking
+from rtdlm_experiments import terminal, tracking
 from rtdlm_experiments.report import summarize_sweep
-from rtdlm_experiments.results import read_sweep_info, sweep_failed, write_sweep_info
+from rtdlm_experiments.results import (
+    KEY_METRICS,
+    job_dirs,
+    load_job,
+    read_sweep_info,
+    sweep_failed,
+    write_sweep_info,
+)
+from rtdlm_experiments.tracking import names
 
 log = logging.getLogger(__name__)
 
 
 def sweep_info(config: DictConfig) -> dict[str, Any]:
-    """The ``sweep.json`` of a multirun before its parent run exists: its name, run name and the keys it
-    sweeps over (from the command line and from the sweep preset)."""
+    """The ``sweep.json`` of a multirun before its parent run exists: its name, its run name (what it
+    sweeps and on which model, `names.sweep_run_name`) and the keys it sweeps over (from the command
+    line and from the sweep preset)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    sweep_dir = Path(config.hydra.sweep.dir).resolve()
     task_overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    swept = [override.key_or_group for override in task_overrides if override.is_sweep_override()]
-    name = config.hydra.runtime.choices.get("sweep") or "multirun"
+    swept = {
+        override.key_or_group: override.input_line.split("=", 1)[1]
+        for override in task_overrides
+        if override.is_sweep_override()
+    }
+    fixed = {override.key_or_group for override in task_overrides}  # the command line wins over a preset
+    for key, values in (config.hydra.sweeper.get("params") or {}).items():
+        if str(key) not in fixed:
+            swept.setdefault(str(key), str(values))
     return {
-        "name": name,
-        "run_name": f"{name}-{sweep_dir.name}",
-        "swept_keys": list(dict.fromkeys(swept + list(config.hydra.sweeper.get("params") or {}))),
+        "name": config.hydra.runtime.choices.get("sweep") or "multirun",
+        "run_name": names.sweep_run_name(swept, config.get("model", {}).get("name")),
+        "swept_keys": list(swept),
         "mlflow": None,
     }
 
@@ -45,7 +60,13 @@ def sweep_info(config: DictConfig) -> dict[str, Any]:
 def open_parent_run(config: DictConfig, info: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     """``info`` with the sweep's MLflow parent run: a resumed one (``tracking.parent_run_id``) with its
     finished jobs, or a new one; with ``mlflow_error`` instead when the store is unavailable."""
-    tags = {"sweep_dir": str(sweep_dir), "hydra.overrides": " ".join(config.hydra.overrides.task)}
+    overrides = " ".join(config.hydra.overrides.task)
+    tags = {
+        "sweep_dir": str(sweep_dir),
+        "hydra.overrides": overrides,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": f"python -m rtdlm_experiments -m {overrides}",
+    }
     uri = tracking.resolve_tracking_uri(config.tracking.uri)
     if config.tracking.get("parent_run_id"):
         # No fallback to an untracked sweep here: resuming blind would rerun the finished jobs.
@@ -70,24 +91,55 @@ def open_parent_run(config: DictConfig, info: dict[str, Any], sweep_dir: Path) -
 
 
 def finish_sweep(sweep_dir: Path, job_failed: bool) -> None:
-    """Write the sweep's summary and end its parent run (if any), FAILED when a job failed."""
+    """Write the sweep's summary, end its parent run (if any), FAILED when a job failed, and print the
+    summary table, every failed job's error and where to see the sweep."""
     failed = job_failed or sweep_failed(sweep_dir)
+    records = [load_job(job_dir)[0] for job_dir in job_dirs(sweep_dir)]
     try:
         summary = summarize_sweep(sweep_dir)
     except Exception as err:  # the parent run must still be ended below
         log.warning("could not summarize the sweep in %s (%s)", sweep_dir, tracking.first_line(err))
         summary = {}
-    if mlflow := (read_sweep_info(sweep_dir) or {}).get("mlflow"):
+    mlflow = (read_sweep_info(sweep_dir) or {}).get("mlflow")
+    if mlflow:
         parent_run_id = mlflow["parent_run_id"]
         try:
-            tracking.finish_sweep(
-                tracking.mlflow_client(mlflow["tracking_uri"]), parent_run_id, summary, failed
-            )
+            client = tracking.mlflow_client(mlflow["tracking_uri"])
+            tracking.finish_sweep(client, parent_run_id, summary, failed, records)
             log.info("MLflow sweep run %s ended %s", parent_run_id, "FAILED" if failed else "FINISHED")
         except Exception as err:
             log.warning("could not end the MLflow sweep run %s (%s)", parent_run_id, tracking.first_line(err))
+            mlflow = None
+    print(sweep_end_text(records, sweep_dir, summary, mlflow), flush=True)
+
+
+def sweep_end_text(
+    records: list[dict[str, Any]], sweep_dir: Path, summary: dict[str, Path], mlflow: dict[str, str] | None
+) -> str:
+    """What a sweep prints once at its end: the table of its jobs (metric [CI] where known), one line per
+    failed job, where the files are and the link to its runs in the MLflow UI."""
+    rows = [
+        {"run": record["job"]["run_name"], "status": record.get("status", "?"), **record.get("metrics", {})}
+        for record in records
+    ]
+    lines = ["", f"== sweep: {len(records)} jobs in {sweep_dir}", terminal.summary_text(rows, KEY_METRICS)]
+    failures = [record for record in records if record.get("status") != "COMPLETED"]
+    if failures:
+        lines.append(f"{len(failures)} job(s) failed:")
+        lines += [
+            f"  #{record['job'].get('num')} {record['job']['run_name']}: "
+            + (str(record.get("error") or "no error recorded").strip().splitlines() or [""])[0][:300]
+            for record in failures
+        ]
     if summary:
-        log.info("sweep summary: %s", summary["md"])
+        lines.append(f"summary: {summary['md']}")
+    if mlflow:
+        uri, experiment_id = mlflow["tracking_uri"], mlflow["experiment_id"]
+        lines.append(f"mlflow:  {tracking.runs_table_url(uri, experiment_id)}")
+        lines.append(f"         sweep run: {tracking.run_url(uri, experiment_id, mlflow['parent_run_id'])}")
+        if command := tracking.ui_command(uri):
+            lines.append(f"         serve the store first: {command}")
+    return "\n".join(lines)
 
 
 class TrackingCallback(Callback):

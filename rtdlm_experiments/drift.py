@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from rtdlm_experiments.metric_names import plain_metrics, plain_name
 from rtdlm_experiments.report import to_markdown
 
 
@@ -78,11 +79,16 @@ def parse_tolerance(text: str | float | None) -> Tolerance | None:
 
 
 def parse_tolerances(items: Mapping[str, str | float | None]) -> dict[str, Tolerance | None]:
-    """``{metric: spec}`` → ``{metric: Tolerance or None}``; the error names the metric."""
+    """``{metric: spec}`` → ``{metric: Tolerance or None}``, metrics by plain name whether given plain
+    or namespaced (``speed/speedup`` = ``speedup``); the error names the metric.
+
+    >>> parse_tolerances({"speed/speedup": "20%", "distinct_2": "0.02"})
+    {'speedup': Tolerance(absolute=0.0, relative=0.2), 'distinct_2': Tolerance(absolute=0.02, relative=0.0)}
+    """
     parsed = {}
     for metric, spec in items.items():
         try:
-            parsed[metric] = parse_tolerance(spec)
+            parsed[plain_name(metric)] = parse_tolerance(spec)
         except ValueError as err:
             raise ValueError(f"{metric}: {err}") from None
     return parsed
@@ -142,14 +148,14 @@ def compare(
     """Compare the jobs of two runs by config hash.
 
     ``previous`` and ``current`` map config hashes to ``{"run_name": str, "metrics": {name: value}}``
-    (`rtdlm_experiments.tracking.finished_child_runs`). A metric is compared when it has a tolerance and
-    either job has it.
+    (`rtdlm_experiments.tracking.finished_child_runs`); names plain or namespaced (`metric_names`).
+    A metric is compared when it has a tolerance and either job has it.
     """
     rows = []
     for config_hash, job in current.items():
         if config_hash not in previous:
             continue
-        before, after = previous[config_hash]["metrics"], job["metrics"]
+        before, after = plain_metrics(previous[config_hash]["metrics"]), plain_metrics(job["metrics"])
         for metric, tolerance in tolerances.items():
             if metric not in before and metric not in after:
                 continue

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from rtdlm_experiments import tracking
+from rtdlm_experiments.metric_names import plain_metrics, resolve_metric, value_range
 from rtdlm_experiments.results import (
     JOB_TAG,
     KEY_METRICS,
@@ -30,6 +31,7 @@ from rtdlm_experiments.results import (
 from rtdlm_experiments.schema import output_root
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
@@ -43,7 +45,8 @@ CONFIG_COLUMNS = {
 
 def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
     """Runs as one row each, with ``metrics.*``, ``params.*`` and ``tags.*`` columns like
-    `mlflow.search_runs` (built from a client's runs, so no global tracking URI is involved)."""
+    `mlflow.search_runs` (built from a client's runs, so no global tracking URI is involved); metrics by
+    plain name whether they were logged namespaced or not."""
     records = []
     for run in runs:
         record: dict[str, Any] = {
@@ -51,7 +54,7 @@ def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
             "status": run.info.status,
             "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
         }
-        record.update({f"metrics.{key}": value for key, value in run.data.metrics.items()})
+        record.update({f"metrics.{key}": value for key, value in plain_metrics(run.data.metrics).items()})
         record.update({f"params.{key}": value for key, value in run.data.params.items()})
         record.update({f"tags.{key}": value for key, value in run.data.tags.items()})
         records.append(record)
@@ -85,20 +88,23 @@ def search_job_runs(
 
 
 def summary_table(runs: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
-    """One row per run: name, status, model, preset, decoder and the key metrics, sorted by ``sort_by``
-    (a metric, descending) or by the configuration columns and name."""
+    """One row per run: name, status, model, preset, decoder and the key metrics (with their
+    ``_ci_low``/``_ci_high`` bounds when runs have them), sorted by ``sort_by`` (a metric, plain or
+    namespaced, descending) or by the configuration columns and name."""
     if runs.empty:
         return pd.DataFrame(columns=["run", "status", *CONFIG_COLUMNS])
     table = pd.DataFrame({"run": runs.get("tags.mlflow.runName", runs["run_id"]), "status": runs["status"]})
     for column, source in CONFIG_COLUMNS.items():
         table[column] = runs.get(source)
     for metric in KEY_METRICS:
-        if f"metrics.{metric}" in runs:
-            table[metric] = runs[f"metrics.{metric}"]
+        for column in (metric, f"{metric}_ci_low", f"{metric}_ci_high"):
+            if f"metrics.{column}" in runs:
+                table[column] = runs[f"metrics.{column}"]
     if sort_by:
-        if sort_by not in table:
+        column = resolve_metric(sort_by, table.columns)
+        if column is None:
             raise ValueError(f"cannot sort by {sort_by!r}: not among the columns {list(table.columns)}")
-        return table.sort_values(sort_by, ascending=sort_by not in KEY_METRICS, ignore_index=True)
+        return table.sort_values(column, ascending=column not in KEY_METRICS, ignore_index=True)
     return table.sort_values([*CONFIG_COLUMNS, "run"], ignore_index=True, na_position="last")
 
 
@@ -116,60 +122,157 @@ def to_markdown(table: pd.DataFrame, float_digits: int = 3) -> str:
 
 
 def plot_summary(table: pd.DataFrame, path: Path) -> Path:
-    """Diversity vs repetition (distinct-2 against seq-rep-4, one marker per preset, each point labelled
-    with its run), plus speedup bars when some run has a speedup. Returns ``path``."""
-    from matplotlib.figure import Figure  # the object API renders with Agg, no display or pyplot state
-
-    has_speedup = "speedup" in table and table["speedup"].notna().any()
-    figure = Figure(figsize=(12 if has_speedup else 7, 5), layout="constrained")
-    axes = figure.subplots(1, 2 if has_speedup else 1, squeeze=False)[0]
-    _plot_frontier(axes[0], table)
-    if has_speedup:
-        _plot_speedup(axes[1], table.dropna(subset=["speedup"]))
+    """Render `summary_figure` to ``path`` (PNG); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    summary_figure(table).savefig(path, dpi=100)
     return path
 
 
+def summary_figure(table: pd.DataFrame) -> Figure:
+    """Diversity vs repetition (distinct-2 against seq-rep-4) plus speedup bars when some run has a
+    speedup. Every run has a number and a colour: the points and bars carry the numbers (nearby points
+    share one label), the key below the plots maps each number to the full run name. Axes cover each
+    metric's possible range (`axis_limits`); ``<m>_ci_low``/``<m>_ci_high`` columns become error bars.
+    The key is the last axes' legend."""
+    from matplotlib.figure import Figure  # the object API renders with Agg, no display or pyplot state
+    from matplotlib.lines import Line2D
+
+    table = table.reset_index(drop=True)
+    runs = _run_styles(table)
+    has_speedup = "speedup" in table and table["speedup"].notna().any()
+    key_height = 0.4 + 0.2 * len(table)
+    figure = Figure(figsize=(12 if has_speedup else 7, 4.5 + key_height), layout="constrained")
+    grid = figure.add_gridspec(2, 2 if has_speedup else 1, height_ratios=[4.5, key_height])
+    _plot_frontier(figure.add_subplot(grid[0, 0]), table, runs)
+    if has_speedup:
+        _plot_speedup(figure.add_subplot(grid[0, 1]), table, runs)
+    key = figure.add_subplot(grid[1, :])
+    key.axis("off")
+    handles = [Line2D([], [], color=style["color"], marker=style["marker"], linestyle="") for style in runs]
+    labels = [f"{style['number']}  {name}" for style, name in zip(runs, table["run"], strict=True)]
+    key.legend(handles, labels, loc="upper left", fontsize=8, frameon=False, title="runs", alignment="left")
+    return figure
+
+
 _MARKERS = "osD^vP*Xh<>"
-_LABEL_CHARS = 32
+_FRONTIER = ("distinct_2", "seq_rep_4")
+_LABEL_MERGE_FRACTION = 0.03
+"""Points closer than this fraction of both axis spans share one label (numbers would overprint)."""
 
 
-def _label(run_name: Any) -> str:
-    """A run name short enough for a tick label or an annotation."""
-    text = str(run_name)
-    return text if len(text) <= _LABEL_CHARS else text[: _LABEL_CHARS - 1] + "…"
+def _run_styles(table: pd.DataFrame) -> list[dict[str, str]]:
+    """Each run's number, colour (one per run) and marker (one per preset)."""
+    presets = table["preset"].fillna("?") if "preset" in table else pd.Series("?", index=table.index)
+    markers = {preset: _MARKERS[index % len(_MARKERS)] for index, preset in enumerate(sorted(set(presets)))}
+    return [
+        {"number": str(index + 1), "color": f"C{index % 10}", "marker": markers[presets[index]]}
+        for index in range(len(table))
+    ]
 
 
-def _plot_frontier(axis: Any, table: pd.DataFrame) -> None:
+def _error(table: pd.DataFrame, metric: str) -> list[list[float]] | None:
+    """Asymmetric error bars (below, above) from the metric's CI columns, or None when it has none."""
+    low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+    if low not in table or high not in table or table[[low, high]].isna().all().all():
+        return None
+    below = (table[metric] - table[low]).clip(lower=0).fillna(0)
+    above = (table[high] - table[metric]).clip(lower=0).fillna(0)
+    return [below.tolist(), above.tolist()]
+
+
+def axis_limits(metric: str, values: Sequence[float]) -> tuple[float | None, float]:
+    """Axis limits covering the data and the metric's bounds: a non-negative metric starts at 0, a
+    fraction's axis reaches 1; 5 % margins. (None: let matplotlib choose.)
+
+    >>> axis_limits("distinct_2", [0.4, 0.6]), axis_limits("speedup", [0.5, 2.0])
+    ((-0.05, 1.05), (-0.1, 2.1))
+    """
+    low, high = value_range(metric)
+    finite = [float(value) for value in values if math.isfinite(value)]
+    bottom = low if low is not None else min(finite, default=0.0)
+    top = max([*finite, bottom] + ([high] if high is not None else []))
+    margin = 0.05 * ((top - bottom) or 1.0)
+    return (bottom - margin if low is not None else None), top + margin
+
+
+def _plot_frontier(axis: Any, table: pd.DataFrame, runs: list[dict[str, str]]) -> None:
+    x_metric, y_metric = _FRONTIER
     axis.set(xlabel="distinct-2 (higher = more diverse)", ylabel="seq-rep-4 (lower = less repetition)")
-    if not {"distinct_2", "seq_rep_4"} <= set(table.columns):
+    if not set(_FRONTIER) <= set(table.columns):
         axis.set_title("no diversity metrics")
         return
     axis.set_title("Diversity vs repetition")
-    presets = table["preset"].fillna("?")
-    for index, preset in enumerate(sorted(presets.unique())):
-        rows = table[presets == preset]
-        axis.scatter(
-            rows["distinct_2"], rows["seq_rep_4"], marker=_MARKERS[index % len(_MARKERS)], label=preset
+    x_error, y_error = _error(table, x_metric), _error(table, y_metric)
+    plotted = table.dropna(subset=list(_FRONTIER))
+    for index in plotted.index:
+        axis.errorbar(
+            table.at[index, x_metric],
+            table.at[index, y_metric],
+            xerr=_one(x_error, index),
+            yerr=_one(y_error, index),
+            fmt=runs[index]["marker"],
+            color=runs[index]["color"],
+            markersize=7,
+            capsize=3,
         )
-        for row in rows.itertuples():
-            axis.annotate(
-                _label(row.run),
-                (row.distinct_2, row.seq_rep_4),
-                fontsize=7,
-                alpha=0.7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    axis.legend(title="preset", fontsize=8)
+    x_limits = axis_limits(x_metric, _with_bounds(table, x_metric))
+    y_limits = axis_limits(y_metric, _with_bounds(table, y_metric))
+    for members in _nearby_groups(plotted, x_limits, y_limits):
+        label = ",".join(runs[index]["number"] for index in members)
+        point = (plotted.at[members[0], x_metric], plotted.at[members[0], y_metric])
+        axis.annotate(label, point, fontsize=8, xytext=(6, 4), textcoords="offset points")
+    axis.set_xlim(*x_limits)
+    axis.set_ylim(*y_limits)
     axis.grid(alpha=0.3)
 
 
-def _plot_speedup(axis: Any, table: pd.DataFrame) -> None:
-    axis.barh([_label(name) for name in table["run"]], table["speedup"])
+def _with_bounds(table: pd.DataFrame, metric: str) -> list[float]:
+    """The metric's values and its CI bounds (what the axis must show)."""
+    columns = [column for column in (metric, f"{metric}_ci_low", f"{metric}_ci_high") if column in table]
+    return [float(value) for column in columns for value in table[column].dropna()]
+
+
+def _nearby_groups(
+    rows: pd.DataFrame, x_limits: tuple[float | None, float], y_limits: tuple[float | None, float]
+) -> list[list[int]]:
+    """Row indices grouped so that points within `_LABEL_MERGE_FRACTION` of the axis spans share a label."""
+    x_span = x_limits[1] - (x_limits[0] or 0.0) or 1.0
+    y_span = y_limits[1] - (y_limits[0] or 0.0) or 1.0
+    groups: list[list[int]] = []
+    for index in rows.index:
+        x, y = rows.at[index, _FRONTIER[0]], rows.at[index, _FRONTIER[1]]
+        for group in groups:
+            gx, gy = rows.at[group[0], _FRONTIER[0]], rows.at[group[0], _FRONTIER[1]]
+            if (
+                abs(x - gx) <= _LABEL_MERGE_FRACTION * x_span
+                and abs(y - gy) <= _LABEL_MERGE_FRACTION * y_span
+            ):
+                group.append(index)
+                break
+        else:
+            groups.append([index])
+    return groups
+
+
+def _one(error: list[list[float]] | None, index: int) -> list[list[float]] | None:
+    return None if error is None else [[error[0][index]], [error[1][index]]]
+
+
+def _plot_speedup(axis: Any, table: pd.DataFrame, runs: list[dict[str, str]]) -> None:
+    rows = table.dropna(subset=["speedup"])
+    axis.barh(
+        range(len(rows)),
+        rows["speedup"],
+        xerr=_error(rows, "speedup"),
+        capsize=3,
+        color=[runs[index]["color"] for index in rows.index],
+    )
+    axis.set_yticks(range(len(rows)), [runs[index]["number"] for index in rows.index])
     axis.axvline(1.0, color="grey", linestyle="--", linewidth=1)
-    axis.set(title="Speedup over autoregressive decoding", xlabel="× (wall time of AR / decoder)")
+    axis.set(
+        title="Speedup over autoregressive decoding", xlabel="× (wall time of AR / decoder)", ylabel="run"
+    )
+    axis.set_xlim(*axis_limits("speedup", _with_bounds(rows, "speedup")))
     axis.invert_yaxis()
 
 
@@ -199,7 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", default="rtdlm-experiments", help="MLflow experiment name")
     parser.add_argument("--sweep", metavar="RUN_ID", help="only the children of this sweep's parent run")
     parser.add_argument("--uri", help="tracking URI (default: $MLFLOW_TRACKING_URI, else the embedded store)")
-    parser.add_argument("--sort-by", help="a column to sort by (metrics sort descending)")
+    parser.add_argument(
+        "--sort-by", help="a column to sort by; a metric by plain or namespaced name (sorts descending)"
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: <output root>/reports/<name>)")
     args = parser.parse_args(argv)
 

@@ -202,15 +202,30 @@ DECODER_SCHEMAS: dict[str, type[DecoderSchema]] = {
 }
 
 
+def config_groups_text() -> str:
+    """The config groups and their options as ``--help`` lists them: the yaml files of ``conf/`` only,
+    so the schemas registered in the ConfigStore (``*_schema``) stay internal.
+
+    >>> "sampling: balanced, creative" in config_groups_text()
+    True
+    """
+    groups = sorted(path for path in config_dir().iterdir() if path.is_dir() and path.name != "hydra")
+    options = {group.name: sorted(file.stem for file in group.glob("*.yaml")) for group in groups}
+    return "\n".join(f"  {group}: {', '.join(names)}" for group, names in options.items())
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra (``config.yaml`` and each decoder yaml extend them) and the
-    ``rtdlm.output_root`` resolver. Safe to call more than once."""
+    ``rtdlm.output_root`` and ``rtdlm.config_groups`` (for ``--help``) resolvers. Safe to call more
+    than once."""
     store = ConfigStore.instance()
     store.store(name="experiment_schema", node=ExperimentConfig)
     for name, schema in DECODER_SCHEMAS.items():
         store.store(group="decoder", name=f"{name}_schema", node=schema)
     if not OmegaConf.has_resolver("rtdlm.output_root"):
         OmegaConf.register_new_resolver("rtdlm.output_root", lambda: str(output_root()))
+    if not OmegaConf.has_resolver("rtdlm.config_groups"):
+        OmegaConf.register_new_resolver("rtdlm.config_groups", config_groups_text)
 
 
 register_configs()

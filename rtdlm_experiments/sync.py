@@ -84,7 +84,8 @@ def _sync_sweep(
         tracking.log_job(client, parent["experiment_id"], job, parent["parent_run_id"]) for job in pending
     ]
     summary = summarize_sweep(sweep_dir)
-    tracking.finish_sweep(client, parent["parent_run_id"], summary, sweep_failed(sweep_dir))
+    records = [load_job(job_dir)[0] for job_dir in jobs]
+    tracking.finish_sweep(client, parent["parent_run_id"], summary, sweep_failed(sweep_dir), records)
     return uploaded
 
 

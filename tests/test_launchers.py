@@ -32,13 +32,13 @@ def assert_one_parent_with_a_child_per_job(client: MlflowClient, sweep_dir: Path
     runs = {run.info.run_id: run for run in client.search_runs([experiment_id])}
     assert runs.pop(parent_id).info.status == "FINISHED"
     children = sorted(runs.values(), key=lambda run: int(run.data.tags["hydra.job_num"]))
-    assert [child.info.run_name for child in children] == ["sampling=creative", "sampling=balanced"]
+    assert [child.info.run_name for child in children] == ["creative", "balanced"]
     assert [child.info.status for child in children] == ["FINISHED", "FINISHED"]
     assert {child.data.tags["mlflow.parentRunId"] for child in children} == {parent_id}
     for num, child in enumerate(children):
         logged = json.loads((sweep_dir / str(num) / "mlflow_run.json").read_text())
         assert (logged["run_id"], logged["parent_run_id"]) == (child.info.run_id, parent_id)
-        assert "distinct_2" in child.data.metrics
+        assert "diversity/distinct_2" in child.data.metrics
     return children
 
 
@@ -65,8 +65,9 @@ def test_submitit_local_launcher_runs_each_job_as_a_submitted_process_under_one_
     # Each job's own output is in its submitit log, as it would be in a Slurm job's.
     logs = "".join(path.read_text() for path in (sweep_dir / ".submitit").glob("*/*_log.out"))
     for child in children:
-        assert f"mlflow:  run {child.info.run_id}" in logs
-    assert "mlflow:  run" not in result.stdout
+        assert f"== {child.info.run_name} |" in logs
+    assert "== creative |" not in result.stdout
+    assert result.stdout.count("?workflowType=machine_learning") == 1  # the sweep's link, printed once
 
 
 def test_the_documented_slurm_command_composes():

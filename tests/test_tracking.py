@@ -5,6 +5,7 @@ uploads the saved results later, and a real ``mlflow server`` works over HTTP.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from rtdlm_experiments import report, sync
+from rtdlm_experiments import metric_names, report, sync
 
 # --- helpers ------------------------------------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class Sweep:
     client: MlflowClient
     parent: Run
     children: list[Run]
+    stdout: str
 
 
 @pytest.fixture(scope="module")
@@ -115,13 +117,13 @@ def sweep(launch_app, tiny_job, tmp_path_factory: pytest.TempPathFactory) -> Swe
     (sweep_dir,) = (root / "outputs" / "multirun").iterdir()
     client = MlflowClient(store_uri(root / "outputs"))
     parent, children = sweep_runs(client)
-    return Sweep(root / "outputs", sweep_dir, client, parent, children)
+    return Sweep(root / "outputs", sweep_dir, client, parent, children, result.stdout)
 
 
 def test_sweep_is_one_finished_parent_with_a_finished_child_per_job(sweep: Sweep):
     assert sweep.parent.info.status == "FINISHED"
-    assert sweep.parent.info.run_name == f"multirun-{sweep.sweep_dir.name}"
-    assert [child.info.run_name for child in sweep.children] == ["sampling=balanced", "sampling=creative"]
+    assert sweep.parent.info.run_name == "sweep sampling=creative,balanced · tiny-random"
+    assert [child.info.run_name for child in sweep.children] == ["balanced", "creative"]
     assert [child.info.status for child in sweep.children] == ["FINISHED", "FINISHED"]
 
 
@@ -135,11 +137,12 @@ def test_child_runs_hold_the_resolved_config_metrics_and_provenance(sweep: Sweep
     assert (params["model.name"], params["decoder.name"], params["seed"], params["max_new_tokens"]) == (
         "tiny-random", "autoregressive", "0", "4",
     )  # fmt: skip
-    assert {"distinct_2", "seq_rep_4", "self_bleu_4", "perplexity", "tokens_per_second"} <= set(
-        creative.data.metrics
-    )
+    assert {
+        "diversity/distinct_2", "repetition/seq_rep_4", "diversity/self_bleu_4", "likelihood/perplexity",
+        "speed/tokens_per_second",
+    } <= set(creative.data.metrics)  # fmt: skip
     record = json.loads((sweep.sweep_dir / creative.data.tags["hydra.job_num"] / "results.json").read_text())
-    assert creative.data.metrics["distinct_2"] == pytest.approx(record["metrics"]["distinct_2"])
+    assert creative.data.metrics["diversity/distinct_2"] == pytest.approx(record["metrics"]["distinct_2"])
     tags = creative.data.tags
     assert tags["config_hash"] == record["config_hash"] != balanced.data.tags["config_hash"]
     assert "sampling=creative" in tags["hydra.overrides"].split()
@@ -173,6 +176,65 @@ def test_parent_run_holds_the_summary_table_and_plot(sweep: Sweep, tmp_path: Pat
     assert {"distinct_2", "seq_rep_4"} <= set(summary.columns)
 
 
+def test_parent_run_holds_the_common_params_and_the_environment(sweep: Sweep, tmp_path: Path):
+    params, tags = sweep.parent.data.params, sweep.parent.data.tags
+    assert (params["model.name"], params["max_new_tokens"], params["decoder.name"]) == (
+        "tiny-random", "4", "autoregressive",
+    )  # fmt: skip
+    assert "sampling.preset" not in params and "sampling.temperature" not in params  # swept: they differ
+    assert len(tags["git_sha"]) == 40 and tags["rtdlm.git_dirty"] in ("true", "false")
+    assert tags["rtdlm.version.torch"] and tags["rtdlm.version.mlflow"] and tags["rtdlm.host"]
+    assert tags["mlflow.source.name"].startswith("python -m rtdlm_experiments -m ")
+    table_file = sweep.client.download_artifacts(
+        sweep.parent.info.run_id, "summary_table.json", str(tmp_path)
+    )
+    assert sorted(json.loads(Path(table_file).read_text())["columns"])[:1]  # an MLflow table, with columns
+
+
+def test_children_carry_environment_model_and_prompt_set(sweep: Sweep, tmp_path: Path):
+    for child in sweep.children:
+        tags = child.data.tags
+        assert (
+            tags["rtdlm.version.torch"]
+            and tags["rtdlm.host"]
+            and tags["rtdlm.git_dirty"] in ("true", "false")
+        )
+        assert (tags["rtdlm.model.name"], tags["rtdlm.model.dtype"]) == ("tiny-random", "float32")
+        assert "rtdlm.model.sha256" not in tags  # a random model has no weights file to hash
+        (dataset_input,) = child.inputs.dataset_inputs
+        assert dataset_input.dataset.name == "prompts.txt"
+        assert len(dataset_input.dataset.digest) == 16
+    assert len({child.inputs.dataset_inputs[0].dataset.digest for child in sweep.children}) == 1
+    page = sweep.client.download_artifacts(sweep.children[0].info.run_id, "generations.html", str(tmp_path))
+    text = Path(page).read_text()
+    assert "Once upon a time" in text and "def add(a, b):" in text and "mean_logprob" in text
+
+
+def test_metrics_are_namespaced_and_only_defined_ones_are_logged(sweep: Sweep):
+    for child in sweep.children:
+        names = set(child.data.metrics)
+        assert all(name.split("/")[0] in metric_names.NAMESPACES and "/" in name for name in names)
+        assert not [name for name in names if name.startswith("spec/")]  # autoregressive: no draft counters
+        assert all(math.isfinite(value) for value in child.data.metrics.values())
+        assert {"diversity", "repetition", "likelihood", "speed"} <= {name.split("/")[0] for name in names}
+
+
+def test_the_experiment_opens_on_its_runs_table(sweep: Sweep):
+    experiment = sweep.client.get_experiment(sweep.parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "sweep" in experiment.tags["mlflow.note.content"]
+
+
+def test_the_sweep_prints_its_table_and_link_once(sweep: Sweep):
+    url = f"/#/experiments/{sweep.parent.info.experiment_id}/runs?workflowType=machine_learning"
+    assert sweep.stdout.count(url) == 1
+    assert sweep.stdout.count(f"/runs/{sweep.parent.info.run_id}") == 1  # the sweep run's page, once
+    assert "mlflow ui --backend-store-uri" in sweep.stdout
+    table = sweep.stdout[sweep.stdout.index("== sweep: 2 jobs") :].splitlines()
+    assert table[1].split()[:3] == ["run", "status", "distinct_2"]
+    assert sorted(line.split()[0] for line in table[2:4]) == ["balanced", "creative"]
+
+
 def test_results_are_saved_under_the_output_root_not_the_cwd(sweep: Sweep):
     info = json.loads((sweep.sweep_dir / "sweep.json").read_text())
     assert info["mlflow"]["parent_run_id"] == sweep.parent.info.run_id
@@ -187,7 +249,7 @@ def test_report_tabulates_and_plots_a_sweep(sweep: Sweep, tmp_path: Path, capsys
     args = ["--uri", sweep.client.tracking_uri, "--sweep", sweep.parent.info.run_id, "--out", str(tmp_path)]
     assert report.main([*args, "--sort-by", "distinct_2"]) == 0
     table = pd.read_csv(tmp_path / "report.csv")
-    assert sorted(table["run"]) == ["sampling=balanced", "sampling=creative"]
+    assert sorted(table["run"]) == ["balanced", "creative"]
     assert list(table["distinct_2"]) == sorted(table["distinct_2"], reverse=True)
     assert (tmp_path / "report.png").stat().st_size > 0
     assert "| run | status | model | preset | decoder |" in capsys.readouterr().out
@@ -202,8 +264,8 @@ def test_a_failing_job_fails_the_parent_but_the_other_jobs_complete(launch_app, 
     assert result.returncode == 1
     assert "sampling.top_p=1.5 is invalid" in result.stderr
     parent, (completed, failed) = sweep_runs(MlflowClient(store_uri(tmp_path / "outputs")))
-    assert (completed.info.run_name, completed.info.status) == ("sampling.top_p=0.9", "FINISHED")
-    assert (failed.info.run_name, failed.info.status) == ("sampling.top_p=1.5", "FAILED")
+    assert (completed.info.run_name, completed.info.status) == ("top_p=0.9", "FINISHED")
+    assert (failed.info.run_name, failed.info.status) == ("top_p=1.5", "FAILED")
     assert "sampling.top_p=1.5 is invalid" in failed.data.tags["error"]
     assert parent.info.status == "FAILED"
 
@@ -237,7 +299,7 @@ def test_unreachable_server_keeps_results_on_disk_and_sync_uploads_them(
     (run,) = client.search_runs([client.get_experiment_by_name("rtdlm-experiments").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["tracking.uri"] == dead_uri
-    assert "distinct_2" in run.data.metrics
+    assert "diversity/distinct_2" in run.data.metrics
     assert "generations_table.json" in artifact_paths(client, run.info.run_id)
 
 
@@ -260,9 +322,9 @@ def test_sync_recreates_a_sweeps_parent_and_children(launch_app, tiny_job, tmp_p
     sync.sync(sweep_dir, target)  # then the rest joins the same parent, without duplicating job 0
     assert sweep_runs(client)[0].info.run_id == parent.info.run_id
     parent, children = sweep_runs(client)
-    assert [child.info.run_name for child in children] == ["sampling=balanced", "sampling=creative"]
+    assert [child.info.run_name for child in children] == ["balanced", "creative"]
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == f"multirun-{sweep_dir.name}"
+    assert parent.info.run_name == "sweep sampling=creative,balanced · tiny-random"
 
 
 # --- a real server ------------------------------------------------------------------------------------
@@ -275,9 +337,13 @@ def test_logging_to_a_real_mlflow_server_over_http(launch_app, tiny_job, tmp_pat
         assert "WARNING" not in result.stdout + result.stderr
         client = MlflowClient(uri)
         (run,) = client.search_runs([client.get_experiment_by_name("rtdlm-experiments").experiment_id])
-        assert f"mlflow:  run {run.info.run_id}" in result.stdout
+        assert f"(run {run.info.run_id})" in result.stdout
+        assert (
+            f"{uri}/#/experiments/{run.info.experiment_id}/runs?workflowType=machine_learning"
+            in result.stdout
+        )
         assert run.info.status == "FINISHED"
-        assert "distinct_2" in run.data.metrics
+        assert "diversity/distinct_2" in run.data.metrics
         assert {"generations_table.json", "results.json", "config.yaml"} <= artifact_paths(
             client, run.info.run_id
         )
