@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
         raise
 
     record = results.job_record(app.resolved_config(cfg, spec), result, job, tracking_uri)
-    results.save_job(job_dir, record, results.generation_records(spec, result))
+    results.save_job(job_dir, record, results.generation_records(spec, result), result.artifacts)
     run = None
     if tracked:
         run = tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir, started)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from rtdlm_experiments import tracking
+from rtdlm_experiments import compare, tracking
 from rtdlm_experiments.metric_names import plain_metrics, resolve_metric, value_range
 from rtdlm_experiments.results import (
     JOB_TAG,
@@ -296,8 +297,14 @@ def summarize_sweep(sweep_dir: Path) -> dict[str, Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--compare"]:
+        return compare.main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m rtdlm_experiments.report", description=__doc__.split("\n")[0]
+        prog="python -m rtdlm_experiments.report",
+        description=__doc__.split("\n")[0],
+        epilog="Paired comparison of two jobs: --compare RUN_A RUN_B (run ids or job folders; "
+        "see python -m rtdlm_experiments.compare --help).",
     )
     parser.add_argument("--experiment", default="rtdlm-experiments", help="MLflow experiment name")
     parser.add_argument("--sweep", metavar="RUN_ID", help="only the children of this sweep's parent run")

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments import app, compare, results
+from rtdlm_experiments import app, compare, report, results
 from rtdlm_experiments.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.metrics import distinct_n
 from rtdlm_experiments.metrics.intervals import CI_HIGH, CI_LOW, distinct_n_interval
@@ -128,11 +128,11 @@ def pooled_distinct(drawn: list[list[list[int]]], n: int) -> float:
     return distinct_n([seq for group in drawn for seq in group], n)
 
 
-def test_stop_strings_cut_the_texts_and_reach_the_decoder_only_when_set(default_job):
+def test_stop_strings_cut_the_texts_and_reach_the_decoder(default_job):
     spec, _ = default_job
     from rtdlm_experiments.models import ByteTokenizer
 
-    assert app.generation_options(spec, ByteTokenizer()) == {}
+    assert app.generation_options(spec, ByteTokenizer()) == {"stop_strings": None, "ignore_eos": False}
     stopping = app.JobSpec(**{**spec.__dict__, "stop_strings": ("b",), "ignore_eos": True})
     options = app.generation_options(stopping, ByteTokenizer())
     assert options["ignore_eos"] is True and options["stop_strings"].strings == ("b",)
@@ -155,5 +155,5 @@ def test_compare_two_job_folders_prints_a_verdict_per_metric(default_job, tmp_pa
     assert all(
         re.search(r"p = .*: (within noise|B is higher|B is lower)$", line) for line in verdicts.values()
     )
-    assert compare.main([str(folder_a), str(folder_a), "--resamples", "200"]) == 0
+    assert report.main(["--compare", str(folder_a), str(folder_a), "--resamples", "200"]) == 0
     assert all(line.endswith("within noise") for line in capsys.readouterr().out.splitlines()[2:])
