@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from rtdlm_experiments.metrics import (
     all_metrics,
     compression_ratio,
     distinct_n,
+    diversity,
     ends_in_loop,
     generation_metrics,
     likelihood_metrics,
@@ -369,7 +369,9 @@ def test_all_metrics_is_flat_and_complete() -> None:
 # --- speed of the metric pass -----------------------------------------------------------------------
 
 
-def test_metric_pass_over_64_generations_of_128_tokens_is_fast() -> None:
+def test_metric_pass_over_64_generations_of_128_tokens_bounds_its_bleu_work(monkeypatch) -> None:
+    """The expensive part of a metric pass is self-BLEU; it scores at most SELF_BLEU_MAX_HYPOTHESES
+    hypotheses, each once (a count, not a wall-clock bound: the pass must not go quadratic in calls)."""
     rng = np.random.default_rng(0)
     p = 1.0 / np.arange(1, 5001) ** 1.1
     token_ids = [rng.choice(5000, 128, p=p / p.sum()).tolist() for _ in range(64)]
@@ -382,13 +384,12 @@ def test_metric_pass_over_64_generations_of_128_tokens_is_fast() -> None:
         num_kept=[[40] * 128] * 64,
         decode_seconds=1.0,
     )
-    timings = []
-    for _ in range(3):
-        start = time.perf_counter()
-        all_metrics(output, texts)
-        timings.append(time.perf_counter() - start)
-    print(f"metric pass over 64 x 128 tokens: best {min(timings):.3f} s")
-    assert min(timings) < 1.0
+    calls = []
+    real_bleu = diversity.sentence_bleu
+    monkeypatch.setattr(diversity, "sentence_bleu", lambda *a, **k: calls.append(1) or real_bleu(*a, **k))
+    metrics = all_metrics(output, texts)
+    assert len(calls) == min(64, diversity.SELF_BLEU_MAX_HYPOTHESES)
+    assert all(math.isfinite(value) for value in metrics.values())
 
 
 # -- short-answer scoring (rtdlm_experiments.tasks.answers) ---------------------------------------------

@@ -274,7 +274,6 @@ def test_unreachable_server_keeps_results_on_disk_and_sync_uploads_them(
     launch_app, tiny_job, tmp_path: Path, capsys: pytest.CaptureFixture
 ):
     dead_uri = f"http://127.0.0.1:{free_port()}"
-    started = time.monotonic()
     result = launch_app([*tiny_job, f"tracking.uri={dead_uri}"], tmp_path / "cwd", tmp_path / "outputs")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "runs").iterdir()
@@ -282,7 +281,7 @@ def test_unreachable_server_keeps_results_on_disk_and_sync_uploads_them(
     warnings = [line for line in (result.stdout + result.stderr).splitlines() if "WARNING" in line]
     assert len(warnings) == 1
     assert f"python -m rtdlm_experiments.tracking sync {run_dir}" in warnings[0]
-    assert time.monotonic() - started < 60  # no minutes of HTTP retries
+    assert not [line for line in result.stderr.splitlines() if "Retrying" in line]  # HTTP retries are off
 
     target = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
     synced = launch_app(  # the command the warning names
