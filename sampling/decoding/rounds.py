@@ -6,6 +6,7 @@ Everything here is per `generate` call: a decoder instance holds only its settin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,25 @@ from sampling.decoding.base import CausalLM
 from sampling.sampler import TokenSampler
 
 HOLE = -1
+
+
+def kept_prefix(
+    tokens: Sequence[int], stops: frozenset[int], keep_stop_token: bool, room: int
+) -> tuple[int, bool]:
+    """How many of a row's new ``tokens`` to keep, and whether a stop token ended the row: tokens up to
+    its first stop token (included only with ``keep_stop_token``), at most ``room`` of them.
+
+    >>> kept_prefix([4, 2, 9], frozenset({2}), False, 5), kept_prefix([4, 2, 9], frozenset({2}), True, 5)
+    ((1, True), (2, True))
+    >>> kept_prefix([4, 5, 9], frozenset({2}), False, 2)
+    (2, False)
+    """
+    for position, token in enumerate(tokens):
+        if position >= room:
+            return room, False
+        if token in stops:
+            return position + int(keep_stop_token), True
+    return min(len(tokens), room), False
 
 
 @dataclass

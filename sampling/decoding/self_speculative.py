@@ -71,8 +71,9 @@ class SelfSpeculativeDecoder(DraftVerifyDecoder):
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
         if exit_layer < 1:
             raise ValueError(f"exit_layer={exit_layer} is invalid: must be >= 1")
         self.exit_layer = exit_layer

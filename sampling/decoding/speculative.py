@@ -59,8 +59,9 @@ class DraftModelSession(DraftSession):
 class SpeculativeDecoder(DraftVerifyDecoder):
     """Drafts γ tokens from ``draft_model``'s sampling distribution q (same config, same history as
     the target), verified against the target's p. Lossless: the output is distributed as autoregressive
-    sampling from the target. ``adaptive`` grows γ by 2 after a round where every draft passed and
-    shrinks it by 1 otherwise (HF's heuristic)."""
+    sampling from the target. ``policy`` picks γ per round (see `DraftVerifyDecoder`); ``adaptive=True``
+    is ``policy="heuristic"``: γ grows by 2 after a round where every draft passed and shrinks by 1
+    otherwise (HF's heuristic)."""
 
     def __init__(
         self,
@@ -69,8 +70,9 @@ class SpeculativeDecoder(DraftVerifyDecoder):
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
         self.draft_model = draft_model
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftModelSession:
