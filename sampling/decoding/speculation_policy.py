@@ -12,7 +12,9 @@ loop, d the measured seconds per draft token and α̂ a running estimate of the 
 
 Costs come from the call's first rounds, not from extra forwards: the warm-up runs γ = 0, γ_max, 0, γ_max
 (real rounds whose tokens are kept), which measures v(1), v(γ_max + 1) and d; unmeasured v(k) are linear
-interpolations of the measured ones, and each γ the policy then uses is measured as it runs. While
+interpolations of the measured ones, and each γ the policy then uses is measured as it runs. Each v(k)
+is the minimum of its measurements: a shared or cold machine only ever adds time (the first forwards
+of a call can take many times a warm one), and both sides of the ratio are estimated the same way. While
 speculation is off, every ``probe_every`` rounds one round drafts anyway (the best γ ≥ 1), so that a rising
 acceptance can bring speculation back. The choice of γ depends only on the past, so the output distribution
 is untouched (each round is exact given its prefix); only which draws a seed produces depends on the timings.
@@ -20,7 +22,6 @@ is untouched (each round is exact given its prefix); only which draws a seed pro
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -153,6 +154,8 @@ class MeasuredPolicy:
     overlap: float = 0.0
     verified: float = 0.0
     off_streak: int = 0
+    decided: bool = False
+    """Whether the last γ was the policy's choice (not a warm-up round)."""
 
     def __post_init__(self) -> None:
         if not self.warmup:
@@ -169,7 +172,7 @@ class MeasuredPolicy:
 
     @property
     def verify_costs(self) -> dict[int, float]:
-        return {k: statistics.median(seconds) for k, seconds in self.verify_seconds.items()}
+        return {k: min(seconds) for k, seconds in self.verify_seconds.items()}
 
     @property
     def ready(self) -> bool:
@@ -177,6 +180,7 @@ class MeasuredPolicy:
         return not self.warmup and 1 in self.verify_seconds and len(self.verify_seconds) > 1
 
     def next_gamma(self) -> int:
+        self.decided = self.ready
         if self.warmup:
             return self.warmup.pop(0)
         if not self.ready:
@@ -194,15 +198,15 @@ class MeasuredPolicy:
 
     def is_off(self, gamma: int) -> bool:
         """Whether a round of ``gamma`` drafts is speculation switched off by the policy."""
-        return gamma == 0 and self.ready
+        return gamma == 0 and self.decided
 
     def predicted_speedup(self, gamma: int) -> float:
         return round_speedup(self.alpha, gamma, self.draft_step, self.verify_costs)
 
     def prediction(self, gamma: int) -> tuple[float, float, float] | None:
         """(expected tokens per row, predicted round seconds, seconds of one plain step) for a round of
-        ``gamma`` drafts; None before the curve is known."""
-        if not self.ready:
+        ``gamma`` drafts; None for rounds the policy did not choose (warm-up)."""
+        if not self.decided:
             return None
         costs = self.verify_costs
         cost = gamma * self.draft_step + interpolated_cost(costs, gamma + 1)
