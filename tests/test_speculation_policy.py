@@ -141,8 +141,10 @@ class Timed:
 
 
 @pytest.fixture(scope="module")
-def tiny() -> HFCausalLM:
-    return HFCausalLM(build_tiny_random(num_layers=2, vocab_size=64, seed=1), eos_token_ids=())
+def tiny(test_device) -> HFCausalLM:
+    return HFCausalLM(
+        build_tiny_random(num_layers=2, vocab_size=64, seed=1).to(test_device), eos_token_ids=()
+    )
 
 
 PROMPTS = [[5, 6, 7, 5, 6], [1, 2, 3, 4]]

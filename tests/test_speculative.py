@@ -33,10 +33,9 @@ LENGTH = 3
 
 
 @pytest.fixture(scope="module")
-def target() -> HFCausalLM:
-    return HFCausalLM(
-        build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1), eos_token_ids=()
-    )
+def target(test_device) -> HFCausalLM:
+    model = build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1).to(test_device)
+    return HFCausalLM(model, eos_token_ids=())
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +44,9 @@ def draft(target) -> HFCausalLM:
     model = copy.deepcopy(target.model)
     with torch.no_grad():
         model.lm_head.weight.add_(
-            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2))
+            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2)).to(
+                model.lm_head.weight.device
+            )
         )
     return HFCausalLM(model, eos_token_ids=())
 
@@ -69,8 +70,9 @@ def exact_joint(
         prefixes = list(joint)
         ids = torch.tensor([prompt + list(p) for p in prefixes])
         logits = model.forward(ids, model.new_cache())[:, -1]
+        ids = ids.to(logits.device)
         generated = ids[:, len(prompt) :]
-        probs = sampler.distribution(logits, ids, generated=generated).double().numpy()
+        probs = sampler.distribution(logits, ids, generated=generated).double().cpu().numpy()
         joint = {
             p + (t,): joint[p] * probs[i, t]
             for i, p in enumerate(prefixes)
@@ -170,9 +172,9 @@ def test_first_token_frequencies_on_the_guide_example():
 
 
 @pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
-def test_greedy_equals_greedy_autoregressive(decoder_name):
-    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1))
-    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2))
+def test_greedy_equals_greedy_autoregressive(decoder_name, test_device):
+    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1).to(test_device))
+    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2).to(test_device))
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
     greedy = get_preset("deterministic", repetition_penalty=1.3)
     for gamma in (1, 3, 5):
@@ -218,9 +220,13 @@ def cut_at_stop_string(tokens: list[int], stops: StopStrings) -> tuple[list[int]
 
 
 @pytest.fixture(scope="module")
-def models64() -> tuple[HFCausalLM, HFCausalLM]:
-    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1), eos_token_ids=())
-    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2), eos_token_ids=())
+def models64(test_device) -> tuple[HFCausalLM, HFCausalLM]:
+    target = HFCausalLM(
+        build_tiny_random(num_layers=3, vocab_size=64, seed=1).to(test_device), eos_token_ids=()
+    )
+    draft = HFCausalLM(
+        build_tiny_random(num_layers=1, vocab_size=64, seed=2).to(test_device), eos_token_ids=()
+    )
     return target, draft
 
 
@@ -366,7 +372,7 @@ def test_self_speculative_rejects_bad_exit_layer(target):
 
 
 def test_draft_with_another_vocabulary_is_refused(target):
-    other = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=VOCAB + 1, seed=3))
+    other = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=VOCAB + 1, seed=3).to(target.device))
     with pytest.raises(ValueError, match="target's tokenizer"):
         SpeculativeDecoder(other).generate(target, [PROMPT], SamplingConfig(), 4)
 
