@@ -11,19 +11,30 @@ import functools
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rtdlm_experiments.companions import check_same_tokenizer as check_same_tokenizer  # re-exported
+from rtdlm_experiments.companions import load_companion
+from rtdlm_experiments.evaluation import (
+    ExecutionSettings,
+    JobGenerations,
+    check_code_execution,
+    evaluate_job,
+    execution_settings,
+)
+from rtdlm_experiments.judge import generation_nll
 from rtdlm_experiments.metrics import all_metrics
 from rtdlm_experiments.models import ModelPreparationError, load_model, validate_model_config
-from rtdlm_experiments.prompt_sets import Prompt, load_prompts
+from rtdlm_experiments.prompt_sets import Prompt, load_prompts, stop_strings
 from rtdlm_experiments.schema import ConfigError
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
+from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, Progress
+from sampling.decoding.stopping import StopStrings, truncate_at_stop
 
 TRACKING_BACKENDS = ("mlflow", "none")
 
@@ -50,6 +61,11 @@ class JobSpec:
     max_new_tokens: int
     num_samples: int
     batch_size: int
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    judge_model: str | None = None
+    judge_batch_size: int = 4
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,9 @@ class JobResult:
     device: str
     dtype: str
     baseline: GenerationOutput | None = None
+    artifacts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Rows of extra job files by file name (e.g. HumanEval's per-sample results)."""
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 # --- validation (no model is loaded here) ----------------------------------------------------------
@@ -128,16 +147,29 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
     _validate_model(model_cfg, field_name="model")
     decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
     validate_decoder_config(decoder_cfg)
+    prompts = load_prompts(cfg.prompts)
+    execution = execution_settings(cfg.get("eval") or {})
+    check_code_execution(prompts, execution)
+    judge = cfg.get("judge") or {}
+    if judge.get("model") is not None:
+        _validate_model(judge["model"], field_name="judge.model")
+    if judge.get("batch_size", 1) < 1:
+        raise ConfigError(f"judge.batch_size={judge['batch_size']} is invalid: must be >= 1")
     return JobSpec(
         sampling=sampling_config(cfg.sampling, seed=cfg.seed),
         model=model_cfg,
         decoder=decoder_cfg,
-        prompts=load_prompts(cfg.prompts),
+        prompts=prompts,
         chat_template=cfg.prompts.chat_template,
         seed=cfg.seed,
         max_new_tokens=cfg.max_new_tokens,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
+        stop_strings=stop_strings(cfg.prompts),
+        ignore_eos=bool(cfg.get("ignore_eos", False)),
+        execution=execution,
+        judge_model=judge.get("model"),
+        judge_batch_size=judge.get("batch_size", 4),
     )
 
 
@@ -196,34 +228,7 @@ def draft_model_argument(
     if _DRAFT_MODEL_KEY not in cfg:
         return {}
     name = cfg[_DRAFT_MODEL_KEY]
-    draft = load_draft_model(name, **_placement(target))
-    check_same_tokenizer(target, draft, draft_name=name)
-    return {_DRAFT_MODEL_KEY: draft}
-
-
-def _placement(model: Any) -> dict[str, str]:
-    """dtype/device keyword arguments that put a second model where ``model`` is."""
-    placement = {"device": str(model.device)}
-    if dtype := getattr(model, "dtype", None):
-        placement["dtype"] = str(dtype).removeprefix("torch.")
-    return placement
-
-
-_TOKENIZER_PROBE = "def f(x):\n    return x * 2  # Ünïcödé, 数字 and emoji 🙂"
-
-
-def check_same_tokenizer(target: Any, draft: Any, draft_name: str) -> None:
-    """Speculative decoding compares token ids, so both models must map text to the same ids."""
-    same = (
-        target.vocab_size == draft.vocab_size
-        and set(target.eos_token_ids) == set(draft.eos_token_ids)
-        and target.tokenizer.encode(_TOKENIZER_PROBE) == draft.tokenizer.encode(_TOKENIZER_PROBE)
-    )
-    if not same:
-        raise ConfigError(
-            f"decoder.draft_model={draft_name!r} is invalid: its tokenizer differs from the target model "
-            f"{getattr(target, 'name', '?')!r}'s (speculative decoding needs identical token ids)"
-        )
+    return {_DRAFT_MODEL_KEY: load_companion(name, target, load_draft_model)}
 
 
 # --- running ----------------------------------------------------------------------------------------
@@ -258,9 +263,21 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], chat_template: boo
     return [list(tokenizer.encode(prompt.text)) for prompt in prompts]
 
 
-def decode_texts(tokenizer: Any, token_ids: Sequence[Sequence[int]]) -> list[str]:
-    """Text of each generated sequence, special tokens dropped."""
-    return [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in token_ids]
+def decode_texts(
+    tokenizer: Any, token_ids: Sequence[Sequence[int]], stop_strings: Sequence[str] = ()
+) -> list[str]:
+    """Text of each generated sequence, special tokens dropped, cut before its first stop string."""
+    texts = [tokenizer.decode(list(ids), skip_special_tokens=True) for ids in token_ids]
+    return [truncate_at_stop(text, stop_strings) for text in texts] if stop_strings else texts
+
+
+def generation_options(spec: JobSpec, tokenizer: Any) -> dict[str, Any]:
+    """The ``stop_strings`` / ``ignore_eos`` keywords of ``Decoder.generate`` for this job."""
+    stop_strings = None
+    if spec.stop_strings:
+        detokenize = functools.partial(tokenizer.decode, skip_special_tokens=True)
+        stop_strings = StopStrings(tuple(spec.stop_strings), lambda ids: detokenize(list(ids)))
+    return {"stop_strings": stop_strings, "ignore_eos": spec.ignore_eos}
 
 
 def generate_rows(
@@ -269,24 +286,21 @@ def generate_rows(
     prompt_ids: Sequence[list[int]],
     rows: Sequence[Row],
     spec: JobSpec,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> GenerationOutput:
-    """Generate every row in batches of ``spec.batch_size``; ``progress(n)`` after each batch of n rows."""
-    outputs = []
-    for start in range(0, len(rows), spec.batch_size):
-        batch = rows[start : start + spec.batch_size]
-        outputs.append(
-            decoder.generate(
-                model,
-                [prompt_ids[row.prompt_index] for row in batch],
-                spec.sampling,
-                spec.max_new_tokens,
-                row_seeds=[row.seed for row in batch],
-            )
-        )
-        if progress is not None:
-            progress(len(batch))
-    return merge_outputs(outputs)
+    """Generate every row in one call with at most ``spec.batch_size`` rows in flight (a decoder that
+    refills gives a finished row's slot to the next row at once); ``progress(new_tokens,
+    released_budget)`` after every step."""
+    return decoder.generate(
+        model,
+        [prompt_ids[row.prompt_index] for row in rows],
+        spec.sampling,
+        spec.max_new_tokens,
+        row_seeds=[row.seed for row in rows],
+        max_batch_size=spec.batch_size,
+        progress=progress,
+        **generation_options(spec, getattr(model, "tokenizer", None)),
+    )
 
 
 def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = None) -> JobResult:
@@ -294,12 +308,16 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
 
     Non-autoregressive decoders are timed against the autoregressive decoder on the same rows, config
     and seeds, in this process, so the speedup compares like with like. Both are warmed up first.
-    ``progress_factory(total, description)`` returns a tqdm-like object with ``update(n)`` and ``close()``.
+    ``progress_factory(total_tokens, description)`` returns a bar with ``advance(new, released)`` and
+    ``close()``; its total is rows × max_new_tokens.
     """
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     model = load_model(spec.model)
     decoder = build_decoder(spec.decoder, model)
+    judge = None
+    if spec.judge_model is not None:
+        judge = load_companion(spec.judge_model, model, field_name="judge.model")
     timings["load_seconds"] = time.perf_counter() - tick
 
     prompt_ids = encode_prompts(model.tokenizer, spec.prompts, spec.chat_template)
@@ -311,20 +329,51 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
     output, baseline = outputs["decoder"], outputs.get("baseline")
 
     tick = time.perf_counter()
-    texts = decode_texts(model.tokenizer, output.token_ids)
+    texts = decode_texts(model.tokenizer, output.token_ids, spec.stop_strings)
     metrics = all_metrics(output, texts, baseline.total_seconds if baseline else None, seed=spec.seed)
     timings["metrics_seconds"] = time.perf_counter() - tick
+    evaluation = _evaluate(spec, rows, prompt_ids, output, texts, judge, timings)
     return JobResult(
         output=output,
         rows=rows,
         prompt_ids=prompt_ids,
         texts=texts,
-        metrics=metrics,
+        metrics=metrics | evaluation.metrics,
         timings=timings,
         device=str(model.device),
         dtype=str(getattr(model, "dtype", spec.model.get("dtype", ""))).removeprefix("torch."),
         baseline=baseline,
+        artifacts=evaluation.artifacts,
+        tags=evaluation.tags,
     )
+
+
+def _evaluate(
+    spec: JobSpec,
+    rows: Sequence[Row],
+    prompt_ids: Sequence[list[int]],
+    output: GenerationOutput,
+    texts: Sequence[str],
+    judge: CausalLM | None,
+    timings: dict[str, float],
+) -> Any:
+    """Judge likelihood, task scores and CIs (`rtdlm_experiments.evaluation`), timed into ``timings``."""
+    judge_nll = None
+    if judge is not None:
+        tick = time.perf_counter()
+        row_prompts = [prompt_ids[row.prompt_index] for row in rows]
+        judge_nll = generation_nll(judge, row_prompts, output.token_ids, spec.judge_batch_size)
+        timings["judge_seconds"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    generations = JobGenerations(
+        spec.prompts, [row.prompt_index for row in rows], [row.sample_index for row in rows], texts,
+        output.token_ids, output.model_logprobs, output.entropies, output.num_kept,
+    )  # fmt: skip
+    evaluation = evaluate_job(
+        generations, chat_template=spec.chat_template, execution=spec.execution, judge_nll=judge_nll
+    )
+    timings["evaluation_seconds"] = time.perf_counter() - tick
+    return evaluation
 
 
 def _generate_timed(
@@ -345,9 +394,9 @@ def _generate_timed(
     outputs: dict[str, GenerationOutput] = {}
     for role, active in decoders.items():
         label = spec.decoder["name"] if role == "decoder" else "AR baseline"
-        bar = progress_factory(len(rows), label) if progress_factory else None
+        bar = progress_factory(len(rows) * spec.max_new_tokens, label) if progress_factory else None
         tick = time.perf_counter()
-        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.update if bar else None)
+        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.advance if bar else None)
         timings[f"{role}_wall_seconds"] = time.perf_counter() - tick
         if bar:
             bar.close()

@@ -9,7 +9,7 @@ A ``.jsonl`` line is ``{"text": ..., "category": ..., "answer": ...}`` with only
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -63,6 +63,30 @@ def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
     if not prompts:
         raise ConfigError(f"prompts: {name if name != FILE_SOURCE else cfg.get('path')} holds no prompts")
     return prompts[:limit]
+
+
+def stop_strings(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The stop strings of a ``prompts`` config: its ``stop_strings``, or when that is null the set's own
+    (HumanEval continued raw: where the function ends; every other set: none).
+
+    >>> stop_strings({"name": "default", "stop_strings": ["\\n\\n"]}), stop_strings({"name": "default"})
+    (('\\n\\n',), ())
+    >>> "\\ndef " in stop_strings({"name": "humaneval", "chat_template": False})
+    True
+    """
+    configured = cfg.get("stop_strings")
+    if configured is None:
+        raw_humaneval = cfg["name"] == HUMANEVAL_SOURCE and not cfg.get("chat_template", True)
+        return humaneval.STOP_SEQUENCES if raw_humaneval else ()
+    strings = tuple(configured)
+    if not all(isinstance(string, str) and string for string in strings):
+        raise ConfigError(f"prompts.stop_strings={list(strings)!r} is invalid: must be non-empty strings")
+    return strings
+
+
+def needs_code_execution(prompts: Sequence[Prompt]) -> bool:
+    """Whether scoring these prompts runs model-written code (HumanEval problems)."""
+    return any(prompt.task_id.startswith(humaneval.TASK_PREFIX) for prompt in prompts)
 
 
 def humaneval_prompts(chat_template: bool) -> list[Prompt]:

@@ -37,6 +37,11 @@ CONFIG_HASH_TAG = "config_hash"
 """Tag of every job run: `config_hash` of its resolved config."""
 
 KEY_METRICS = (
+    "pass_at_1",
+    "pass_at_10",
+    "exact_match",
+    "contains_answer",
+    "judge_perplexity",
     "distinct_2",
     "self_bleu_4",
     "seq_rep_4",
@@ -113,13 +118,16 @@ def config_hash(config: Mapping[str, Any]) -> str:
 def job_record(
     config: dict[str, Any], result: JobResult, job: JobMeta, tracking_uri: str | None
 ) -> dict[str, Any]:
-    """Everything ``results.json`` holds about a completed job."""
+    """Everything ``results.json`` holds about a completed job; ``artifacts`` names the extra files
+    `save_job` writes from ``result.artifacts``."""
     return _record(config, job, tracking_uri, status="COMPLETED") | {
         "num_prompts": len(result.prompt_ids),
         "metrics": result.metrics,
         "timings": result.timings,
         "decoder_stats": result.output.stats,
         "environment": {**environment_info(), "device": result.device, "dtype": result.dtype},
+        "tags": dict(result.tags),
+        "artifacts": sorted(result.artifacts),
     }
 
 
@@ -170,6 +178,8 @@ def generation_records(spec: JobSpec, result: JobResult) -> list[dict[str, Any]]
                 "seed": row.seed,
                 "category": prompt.category,
                 "prompt": prompt.text,
+                "answer": list(prompt.answer) if isinstance(prompt.answer, tuple) else prompt.answer,
+                "task_id": prompt.task_id,
                 "output": result.texts[index],
                 "prompt_tokens": len(result.prompt_ids[row.prompt_index]),
                 "new_tokens": len(output.token_ids[index]),
@@ -193,12 +203,25 @@ def _mean(values: Sequence[float]) -> float | None:
 # --- job folders --------------------------------------------------------------------------------------
 
 
-def save_job(job_dir: Path, record: Mapping[str, Any], generations: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``results.json`` and ``generations.jsonl`` to ``job_dir``."""
+def save_job(
+    job_dir: Path,
+    record: Mapping[str, Any],
+    generations: Sequence[Mapping[str, Any]],
+    artifacts: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> None:
+    """Write ``results.json``, ``generations.jsonl`` and each artifact (``{file name: rows}``, written as
+    JSON lines) to ``job_dir``; the artifacts first, so a record never lists a file that is missing."""
     job_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (artifacts or {}).items():
+        write_jsonl(job_dir / name, rows)
     (job_dir / RESULTS_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    with open(job_dir / GENERATIONS_FILE, "w", encoding="utf-8") as file:
-        for row in generations:
+    write_jsonl(job_dir / GENERATIONS_FILE, generations)
+
+
+def write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """One JSON object per line."""
+    with open(path, "w", encoding="utf-8") as file:
+        for row in rows:
             file.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 

@@ -131,6 +131,32 @@ class PromptsSchema:
     """Use only the first ``limit`` prompts (quick runs, tests)."""
     chat_template: bool = True
     """Wrap each prompt as a user turn with the tokenizer's chat template, when it has one."""
+    stop_strings: list[str] | None = None
+    """Text that ends a generation (cut before it); ``null`` = the prompt set's own (HumanEval continued
+    raw: the end of the function; every other set: none), ``[]`` = none."""
+
+
+@dataclass
+class EvalSchema:
+    """Scoring that runs model-written code (HumanEval): opt-in, sandboxed
+    (`rtdlm_experiments.tasks.execution`)."""
+
+    allow_code_execution: bool = False
+    """A job whose prompt set needs code execution fails before any model loads unless this is true."""
+    timeout_s: float = 5.0
+    """Wall-clock limit of one program."""
+    workers: int | None = None
+    """Programs run in parallel; ``null`` = the CPU count, at most 8."""
+
+
+@dataclass
+class JudgeSchema:
+    """Judge likelihood: each generation's tokens scored under another model (``null`` = off)."""
+
+    model: str | None = None
+    """Name of a config in the ``model`` group; it must share the job model's tokenizer."""
+    batch_size: int = 8
+    """Generations per judge forward."""
 
 
 @dataclass
@@ -155,11 +181,16 @@ class ExperimentConfig:
     decoder: DecoderSchema = MISSING
     prompts: PromptsSchema = field(default_factory=PromptsSchema)
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
+    eval: EvalSchema = field(default_factory=EvalSchema)
+    judge: JudgeSchema = field(default_factory=JudgeSchema)
     seed: int = 0
     max_new_tokens: int = 32
     num_samples: int = 1
     """Samples per prompt."""
     batch_size: int = 8
+    ignore_eos: bool = False
+    """Generate exactly ``max_new_tokens`` per row: the model's end-of-sequence tokens do not end rows
+    (stop strings still do)."""
     experiment_name: str = "rtdlm-experiments"
 
 

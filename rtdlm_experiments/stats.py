@@ -55,8 +55,7 @@ def _percentiles(values: np.ndarray, confidence: float) -> tuple[float, float]:
 def _group_totals(values: Sequence[float], groups: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
     if len(values) != len(groups):
         raise ValueError(f"{len(values)} values but {len(groups)} group labels")
-    numbering: dict[Hashable, int] = {}
-    index = np.array([numbering.setdefault(group, len(numbering)) for group in groups], dtype=np.int64)
+    index = group_index(groups)
     sums = np.bincount(index, weights=np.asarray(values, dtype=float))
     return sums, np.bincount(index).astype(float)
 
@@ -80,6 +79,49 @@ def bootstrap_mean_ci(
     draws = resample_counts(len(sums), resamples, seed)
     means = (draws @ sums) / (draws @ counts)
     return Interval(float(sums.sum() / counts.sum()), *_percentiles(means, confidence))
+
+
+def bootstrap_ratio_ci(
+    numerators: Sequence[float],
+    denominators: Sequence[float],
+    groups: Sequence[Hashable],
+    *,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = SEED,
+) -> Interval:
+    """``Σ numerators / Σ denominators`` over rows (a token-weighted mean: a row's summed values over its
+    token count; or a mean over the rows that have a value: denominator 0 leaves a row out) with a
+    bootstrap CI that resamples the rows' ``groups`` whole. Resamples whose denominators sum to 0 are
+    ignored.
+
+    >>> interval = bootstrap_ratio_ci([3.0, 0.0, 2.0], [3.0, 0.0, 4.0], groups=["a", "b", "c"])
+    >>> round(interval.estimate, 4), interval.low, interval.high
+    (0.7143, 0.5, 1.0)
+    """
+    if not len(numerators) == len(denominators) == len(groups):
+        raise ValueError(
+            f"{len(numerators)} numerators, {len(denominators)} denominators, {len(groups)} group labels"
+        )
+    index = group_index(groups)
+    top = np.bincount(index, weights=np.asarray(numerators, dtype=float))
+    bottom = np.bincount(index, weights=np.asarray(denominators, dtype=float))
+    if bottom.sum() <= 0:
+        raise ValueError("the denominators sum to 0: no ratio to estimate")
+    draws = resample_counts(len(top), resamples, seed)
+    drawn_bottom = draws @ bottom
+    ratios = (draws @ top)[drawn_bottom > 0] / drawn_bottom[drawn_bottom > 0]
+    return Interval(float(top.sum() / bottom.sum()), *_percentiles(ratios, confidence))
+
+
+def group_index(groups: Sequence[Hashable]) -> np.ndarray:
+    """Each row's group as 0, 1, ... in order of first appearance.
+
+    >>> group_index(["b", "a", "b"]).tolist()
+    [0, 1, 0]
+    """
+    numbering: dict[Hashable, int] = {}
+    return np.array([numbering.setdefault(group, len(numbering)) for group in groups], dtype=np.int64)
 
 
 def bootstrap_statistic_ci(

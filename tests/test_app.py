@@ -18,7 +18,7 @@ from rtdlm_experiments import app, results
 from rtdlm_experiments.prompt_sets import Prompt, bundled_sets, load_prompts
 from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling import PRESETS
-from sampling.decoding import AutoregressiveDecoder, GenerationOutput
+from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
 
 CONF = config_dir()
 
@@ -63,6 +63,8 @@ def test_every_config_option_composes_and_validates(group: str, option: str, pro
         return
     if (group, option) == ("prompts", "file"):
         overrides.append(f"prompts.path={prompt_file}")
+    if (group, option) == ("prompts", "humaneval"):  # opt-in, tested in tests/test_quality_app.py
+        overrides.append("eval.allow_code_execution=true")
     assert app.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
 
 
@@ -76,10 +78,14 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
     jobs = [dict(zip(params, values, strict=True)) for values in itertools.product(*params.values())]
     for job in jobs:
         # Groups first: a field override like decoder.exit_layer applies to the chosen decoder.
-        ordered = sorted(job.items(), key=lambda item: "." in item[0])
-        spec = app.prepare_job(
-            compose_config(f"sweep={sweep}", *(f"{key}={value}" for key, value in ordered))
-        )
+        ordered = [f"{key}={value}" for key, value in sorted(job.items(), key=lambda item: "." in item[0])]
+        cfg = compose_config(f"sweep={sweep}", *ordered)
+        if cfg.prompts.name == "humaneval":  # a preset never opts in to running code for the user
+            assert not cfg.eval.allow_code_execution
+            with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
+                app.prepare_job(cfg)
+            cfg = compose_config(f"sweep={sweep}", *ordered, "eval.allow_code_execution=true")
+        spec = app.prepare_job(cfg)
         for key, value in job.items():
             if key.startswith("sampling."):
                 assert getattr(spec.sampling, key.removeprefix("sampling.")) == pytest.approx(float(value))
@@ -249,7 +255,7 @@ def test_merge_outputs_concatenates_rows_and_adds_totals():
 
     first = batch([[1, 2]], seconds=1.0, calls=2, accepted=4.0, verified=4.0)
     second = batch([[3, 4, 5, 6]], seconds=0.5, calls=4, accepted=2.0, verified=8.0)
-    merged = app.merge_outputs([first, second])
+    merged = merge_outputs([first, second])
     assert merged.token_ids == [[1, 2], [3, 4, 5, 6]]
     assert merged.finished_by_stop == [True, False]
     assert merged.model_logprobs == [[-0.1] * 2, [-0.1] * 4]

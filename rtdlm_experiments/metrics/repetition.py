@@ -27,17 +27,24 @@ def rep_window(sequences: Sequence[Sequence[Hashable]], window: int = 16) -> flo
     among ``x_{t-ℓ}, ..., x_{t-1}`` of the same sequence (only generated tokens; the first token of a
     sequence never counts as a repeat). 0.0 when there are no tokens.
     """
+    repeated = sum(repeats_within(seq, window) for seq in sequences)
+    return ratio(repeated, sum(len(seq) for seq in sequences))
+
+
+def repeats_within(seq: Sequence[Hashable], window: int = 16) -> int:
+    """How many tokens of ``seq`` occur among the ``window`` tokens before them (rep/ℓ's numerator).
+
+    >>> repeats_within(["a", "b", "a", "c", "a"], window=2)
+    2
+    """
     repeated = 0
-    total = 0
-    for seq in sequences:
-        last_seen: dict[Hashable, int] = {}
-        for t, token in enumerate(seq):
-            previous = last_seen.get(token)
-            if previous is not None and t - previous <= window:
-                repeated += 1
-            last_seen[token] = t
-        total += len(seq)
-    return ratio(repeated, total)
+    last_seen: dict[Hashable, int] = {}
+    for t, token in enumerate(seq):
+        previous = last_seen.get(token)
+        if previous is not None and t - previous <= window:
+            repeated += 1
+        last_seen[token] = t
+    return repeated
 
 
 def ends_in_loop(

