@@ -2,9 +2,11 @@
 
     python benchmarks/bench_sampler.py [--logits real|synthetic] [--repeats 30]
 
-Both run the same stages in the same order (``hf``: penalties → temperature → top-k → top-p → min-p)
-over a 256-token history, then draw one token per row (HF: softmax + multinomial). The floor is a
-single argmax pass over the same logits. Times are medians of alternating repeats, µs per step.
+Both run the same stages in the same order (``hf``: penalties → temperature → top-k → top-p → min-p →
+typical → ε → η; no-repeat-n-gram first) over a 256-token history, then draw one token per row (HF:
+softmax + multinomial). The floor is a single argmax pass over the same logits. Ours, HF and the floor are
+timed in alternating rounds; a time is the median over rounds of each round's median, and the spread is
+the range of the per-round HF/ours ratios. µs per step.
 
 ``real`` logits (default) are next-token logits of Qwen2.5-Coder-0.5B (vocab 151,936) at the end of
 the bundled prompts and a few positions before it; ``synthetic`` ones are a Gaussian background with
@@ -16,26 +18,39 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from transformers import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
     LogitsProcessorList,
     MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
-from sampling import SamplingConfig, TokenSampler, get_preset
+from benchmarks._common import markdown_table, ratio
+from sampling import ORDERS, SamplingConfig, TokenSampler, get_preset
 
 CONFIGS = {
     "balanced": get_preset("balanced", order="hf"),
     "creative": get_preset("creative", order="hf"),
     "balanced+min_p": get_preset("balanced", min_p=0.05, order="hf"),
-    "top-p only": SamplingConfig(top_p=0.9, order="hf"),
+    "top-p only, T=1": SamplingConfig(top_p=0.9, order="hf"),
+    "top-p only, T=1.5": SamplingConfig(top_p=0.9, temperature=1.5, order="hf"),
+    "typical 0.9": SamplingConfig(typical_p=0.9, order="hf"),
+    "epsilon 3e-4": SamplingConfig(epsilon_cutoff=3e-4, order="hf"),
+    "eta 1e-3": SamplingConfig(eta_cutoff=1e-3, order="hf"),
+    "no-repeat-3gram + top-p": SamplingConfig(
+        no_repeat_ngram_size=3, top_p=0.9, order=("no_repeat_ngram", *ORDERS["hf"])
+    ),
 }
 
 
@@ -66,6 +81,8 @@ def real_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def hf_processors(config: SamplingConfig) -> LogitsProcessorList:
     stages = LogitsProcessorList()
+    if config.no_repeat_ngram_size:
+        stages.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.repetition_penalty != 1.0:
         stages.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
     if config.temperature != 1.0:
@@ -76,7 +93,17 @@ def hf_processors(config: SamplingConfig) -> LogitsProcessorList:
         stages.append(TopPLogitsWarper(config.top_p))
     if config.min_p:
         stages.append(MinPLogitsWarper(config.min_p))
+    if config.typical_p < 1.0:
+        stages.append(TypicalLogitsWarper(config.typical_p))
+    if config.epsilon_cutoff:
+        stages.append(EpsilonLogitsWarper(config.epsilon_cutoff))
+    if config.eta_cutoff:
+        stages.append(EtaLogitsWarper(config.eta_cutoff))
     return stages
+
+
+ROUNDS = 3
+HEADERS = ("config", "B", "ours µs", "HF µs", "HF/ours (spread)", "argmax floor µs", "ours/floor (spread)")
 
 
 def median_us(fn: Callable[[], object], repeats: int) -> float:
@@ -90,7 +117,7 @@ def median_us(fn: Callable[[], object], repeats: int) -> float:
 
 def time_row(
     name: str, config: SamplingConfig, logits: torch.Tensor, history: torch.Tensor, repeats: int
-) -> str:
+) -> list[str]:
     """One table row: ours, HF and the argmax floor on the same logits, measured alternately."""
     sampler, processors = TokenSampler(config), hf_processors(config)
     hf_history = history.clamp(min=0)  # HF has no padding notion in its processors
@@ -107,12 +134,19 @@ def time_row(
     paths = (ours, hf, floor)
     for fn in paths:  # warm-up
         fn()
-    rounds = [[median_us(fn, max(1, repeats // 3)) for fn in paths] for _ in range(3)]  # alternate
+    rounds = [[median_us(fn, max(1, repeats // ROUNDS)) for fn in paths] for _ in range(ROUNDS)]
     t_ours, t_hf, t_floor = (statistics.median(times) for times in zip(*rounds, strict=True))
-    return (
-        f"| {name} | {logits.shape[0]} | {t_ours:,.0f} | {t_hf:,.0f} | {t_hf / t_ours:.1f}× | "
-        f"{t_floor:,.0f} | {t_ours / t_floor:.1f}× |"
-    )
+    hf_ratios = [ratio(r[1], r[0]) for r in rounds]
+    floor_ratios = [ratio(r[0], r[2]) for r in rounds]
+    return [
+        name,
+        str(logits.shape[0]),
+        f"{t_ours:,.0f}",
+        f"{t_hf:,.0f}",
+        f"{ratio(t_hf, t_ours):.1f}× ({min(hf_ratios):.1f}–{max(hf_ratios):.1f})",
+        f"{t_floor:,.0f}",
+        f"{ratio(t_ours, t_floor):.1f}× ({min(floor_ratios):.1f}–{max(floor_ratios):.1f})",
+    ]
 
 
 def main() -> None:
@@ -141,13 +175,14 @@ def main() -> None:
     )
     print(
         f"# {args.logits} logits, vocab {all_logits.shape[1]:,}, history 256 tokens, "
-        f"µs per step (median of {args.repeats})\n"
+        f"µs per step ({args.repeats} repeats in {ROUNDS} alternating rounds)\n"
     )
-    print("| config | B | ours µs | HF µs | HF/ours | argmax floor µs | ours/floor |")
-    print("|---|---|---|---|---|---|---|")
+    rows = []
     for batch in args.batches:
         for name, config in CONFIGS.items():
-            print(time_row(name, config, all_logits[:batch], all_history[:batch], args.repeats), flush=True)
+            rows.append(time_row(name, config, all_logits[:batch], all_history[:batch], args.repeats))
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    print(markdown_table(HEADERS, rows))
 
 
 if __name__ == "__main__":

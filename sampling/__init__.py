@@ -4,6 +4,15 @@ Depends on torch and the standard library only.
 """
 
 from sampling.config import ORDERS, PRESETS, SamplingConfig, get_preset
-from sampling.sampler import Candidates, SampleOutput, TokenSampler
+from sampling.sampler import Candidates, SampleOutput, SamplerState, TokenSampler
 
-__all__ = ["ORDERS", "PRESETS", "Candidates", "SampleOutput", "SamplingConfig", "TokenSampler", "get_preset"]
+__all__ = [
+    "ORDERS",
+    "PRESETS",
+    "Candidates",
+    "SampleOutput",
+    "SamplerState",
+    "SamplingConfig",
+    "TokenSampler",
+    "get_preset",
+]

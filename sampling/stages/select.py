@@ -1,0 +1,82 @@
+"""Picking tokens from a row without sorting it: the top candidates, the argmax, and a two-level race."""
+
+from __future__ import annotations
+
+import torch
+
+from sampling import noise
+from sampling.stages.common import NEG_INF
+
+CHUNK = 64
+CHUNK_STREAM = 8
+"""Noise stream of `chunked_race`'s first level (the decoders use 1-3, XTC 7)."""
+
+
+def top_candidates(logits: torch.Tensor, width: int, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(logits, width)`` (values sorted descending, ids) without a top-k over the vocabulary.
+
+    The row is cut into chunks of ``chunk`` tokens; only the ``width`` chunks with the largest maxima
+    can hold the top ``width`` tokens (each of them holds a token at least as large as the
+    ``width``-th chunk maximum, and every other chunk lies wholly below it). One ``amax`` pass plus a
+    top-k over a few thousand gathered values replaces a top-k over the whole row.
+    """
+    batch, vocab = logits.shape
+    num_chunks = vocab // chunk
+    if width * chunk * 4 > vocab:
+        return torch.topk(logits, width, dim=1)
+    chunked = logits[:, : num_chunks * chunk].view(batch, num_chunks, chunk)
+    best_chunks = torch.topk(chunked.amax(dim=2), width, dim=1).indices
+    gathered = chunked.gather(1, best_chunks.unsqueeze(2).expand(-1, -1, chunk)).reshape(batch, -1)
+    offsets = torch.arange(chunk, device=logits.device)
+    ids = (best_chunks.unsqueeze(2) * chunk + offsets).reshape(batch, -1)
+    if vocab > num_chunks * chunk:  # the ragged tail is always a candidate
+        gathered = torch.cat([gathered, logits[:, num_chunks * chunk :]], dim=1)
+        tail_ids = torch.arange(num_chunks * chunk, vocab, device=logits.device).expand(batch, -1)
+        ids = torch.cat([ids, tail_ids], dim=1)
+    values, positions = torch.topk(gathered, width, dim=1)
+    return values, ids.gather(1, positions)
+
+
+def greedy(penalized: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
+    """Argmax with ties to the lowest token id.
+
+    torch's argmax is a slow scalar loop on CPU while ``amax`` is vectorized, so we take chunk maxima,
+    pick the first chunk holding the row maximum, and search only inside it.
+    """
+    batch, vocab = penalized.shape
+    num_chunks = vocab // chunk
+    if num_chunks < 2:
+        return torch.argmax(penalized, dim=1)
+    chunked = penalized[:, : num_chunks * chunk].view(batch, num_chunks, chunk)
+    chunk_max = chunked.amax(dim=2)
+    if vocab > num_chunks * chunk:  # ragged tail as one more chunk
+        chunk_max = torch.cat(
+            [chunk_max, penalized[:, num_chunks * chunk :].amax(dim=1, keepdim=True)], dim=1
+        )
+    best = chunk_max.amax(dim=1, keepdim=True)
+    first_chunk = (chunk_max == best).to(torch.uint8).argmax(dim=1)
+    starts = first_chunk * chunk
+    window = penalized.gather(
+        1, (starts.unsqueeze(1) + torch.arange(chunk, device=penalized.device)).clamp(max=vocab - 1)
+    )
+    return starts + (window == best).to(torch.uint8).argmax(dim=1)
+
+
+def chunked_race(
+    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor, chunk: int = CHUNK
+) -> torch.Tensor:
+    """A token per row with probability softmax(logits): a race among chunks of ``chunk`` consecutive ids
+    weighted by their mass (noise keyed by chunk index), then a race inside the winning chunk (keyed by
+    token id). P(i) = P(chunk of i)·P(i | chunk) = π_i; one exp pass instead of hashing every token."""
+    batch, vocab = logits.shape
+    full = vocab // chunk
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
+    if vocab > full * chunk:
+        masses = torch.cat([masses, weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)], 1)
+    starts = noise.race_argmax(masses.log(), chunk_keys) * chunk
+    columns = starts.unsqueeze(1) + torch.arange(chunk, device=logits.device)
+    inside = columns < vocab
+    columns = columns.clamp(max=vocab - 1)
+    window = logits.gather(1, columns).masked_fill(~inside, NEG_INF)
+    return columns.gather(1, noise.race_argmax(window, keys, columns).unsqueeze(1)).squeeze(1)
