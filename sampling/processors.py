@@ -9,7 +9,39 @@ from __future__ import annotations
 
 import torch
 
-NEG_INF = float("-inf")
+from sampling.stages.common import NEG_INF, logsumexp, mass_threshold
+from sampling.stages.filters import (
+    dynamic_temperature,
+    epsilon_filter,
+    eta_filter,
+    mirostat_filter,
+    mirostat_update,
+    top_n_sigma_filter,
+    typical_filter,
+    xtc_filter,
+)
+from sampling.stages.history import add_logit_bias, dry_penalty, no_repeat_ngram_ban
+
+__all__ = [
+    "NEG_INF",
+    "add_logit_bias",
+    "apply_penalties",
+    "apply_temperature",
+    "dry_penalty",
+    "dynamic_temperature",
+    "epsilon_filter",
+    "eta_filter",
+    "logsumexp",
+    "min_p_filter",
+    "mirostat_filter",
+    "mirostat_update",
+    "no_repeat_ngram_ban",
+    "top_k_filter",
+    "top_n_sigma_filter",
+    "top_p_filter",
+    "typical_filter",
+    "xtc_filter",
+]
 
 
 def apply_penalties(
@@ -117,13 +149,16 @@ def top_p_filter(
     token always survives. ``log_total`` ([B]) is the log-normalizer of the full distribution when
     ``logits`` hold only a candidate subset of it; by default it is ``logsumexp(logits)``.
     The mass is accumulated in float64 so the boundary agrees with an exact computation.
-    ``sorted_desc`` promises rows already sorted descending, saving the sort.
+    ``sorted_desc`` promises rows already sorted descending, saving the sort; wide unsorted rows find the
+    boundary by histogram instead of a sort (`mass_threshold`).
 
     >>> top_p_filter(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.6).exp()
     tensor([[0.5000, 0.3000, 0.0000]])
     """
     if top_p >= 1.0:
         return logits
+    if not sorted_desc and log_total is None:
+        return logits.masked_fill(logits < mass_threshold(logits, logits, top_p), NEG_INF)
     values = logits.double()
     if not sorted_desc:
         values = torch.sort(values, dim=-1, descending=True).values
@@ -136,15 +171,6 @@ def top_p_filter(
     last_kept = (mass_above < top_p).sum(dim=-1, keepdim=True).clamp(min=1) - 1
     threshold = values.gather(-1, last_kept).to(logits.dtype)
     return logits.masked_fill(logits < threshold, NEG_INF)
-
-
-def logsumexp(logits: torch.Tensor) -> torch.Tensor:
-    """``log Σ exp`` over the last dim; rows that are all ``-inf`` give ``-inf``.
-
-    Same result as `torch.logsumexp` for rows without ``+inf``, in a third of the kernel launches.
-    """
-    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
-    return (logits - top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
 
 
 FILTERS = {"top_k": top_k_filter, "top_p": top_p_filter, "min_p": min_p_filter}

@@ -1,15 +1,26 @@
 """`TokenSampler`: logits → exact sampling distribution → one token per row, fast.
 
-The fast path never sorts the vocabulary. Every stage keeps an *upper set* of values (a threshold),
-and temperature preserves order, so the final kept set is always a prefix of the tokens sorted by
-penalized logit. We therefore take the top-M candidates (M = top_k + 1 when top-k is the first filter,
-else 64, growing ×8 up to the whole vocabulary), run the stages on the candidates alone, and accept the
-result for a row once the first filter provably drops the smallest candidate: every token outside the
-candidates is then dropped too, and everything the later stages compute depends on candidates only.
-The first filter sees the full vocabulary's log-normalizer (one ``logsumexp`` pass) when it needs it.
+The chain is ``config.stages``: a leading run of logit modifiers (penalties, DRY, no-repeat-n-gram, logit
+bias) runs on the whole vocabulary; the rest runs on candidates when it can (`split_chain`). Every
+``upper`` filter keeps an upper set of values and temperature preserves order, so if the first filter is
+one of them, the final kept set is a prefix of the tokens sorted by modified logit. We then take the top-M
+candidates (M = top_k + 1 when top-k is the first filter, else 64, growing ×8) and run the chain on them,
+and accept a row once the first filter provably drops its smallest candidate; the first filter reads the
+whole row's statistics (normalizer, entropy, σ) when it needs them. Rows that stay undecided past a few
+thousand candidates, and chains that start with typical-p or XTC, run on the whole row, where top-p and
+typical-p find their boundary by histogram (`mass_threshold`) instead of a sort.
 
-Sampling is an exponential race over the candidates with counter-based noise keyed by (row seed,
-step, token id), so a row's draw is reproducible and independent of the batch it is in.
+Sampling is an exponential race over the candidates with counter-based noise keyed by (row seed, step,
+token id), so a row's draw is reproducible and independent of the batch it is in. XTC's coin comes from
+the same noise (its own stream), keyed by (row seed, step).
+
+State (mirostat v2's μ, per row) is explicit and pure: ``initial_state(batch)`` gives μ₀ = 2τ;
+``distribution(..., state=s)`` and ``sample(..., state=s)`` read it, and ``sample`` returns the state after
+its draw in ``SampleOutput.state``; ``advance_state(s, logits, token, ...)`` is the state after ``token``
+was chosen (μ ← μ − η(surprise − τ), the surprise under the truncated distribution). A draft-verify decoder
+computes position i's distribution with the state advanced over the accepted prefix, so a rejected draft
+leaves no trace. Without a state, a stateful config starts every row from μ₀. DRY and no-repeat-n-gram
+read the ``history`` argument only.
 """
 
 from __future__ import annotations
@@ -21,35 +32,46 @@ import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.processors import (
-    FILTERS,
-    NEG_INF,
-    apply_penalties,
-    logsumexp,
-    min_p_filter,
-    top_k_filter,
-    top_p_filter,
-)
+from sampling.processors import NEG_INF, logsumexp, mirostat_update
+from sampling.stages.chain import STAGES, ChainContext, run_chain, split_chain
 
 _FIRST_CANDIDATES = 64
-_GROWTH = 16
+_GROWTH = 8
+_MAX_CANDIDATES = 4096
 _CHUNK = 64
+_DENSE_BLOCK_ELEMENTS = 1 << 20
+XTC_STREAM, CHUNK_STREAM = 7, 8
+"""Noise streams of XTC's coin and of `chunked_race`'s first level (the decoders use 1-3)."""
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """Per-row state carried between steps: mirostat's μ ([B], float64), None when mirostat is off."""
+
+    mu: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor | slice) -> SamplerState:
+        """The state of some rows (an index tensor, bool mask or slice)."""
+        return SamplerState(None if self.mu is None else self.mu[rows])
 
 
 @dataclass(frozen=True)
 class SampleOutput:
-    """One draw per row; every field is ``[B]``."""
+    """One draw per row; every tensor field is ``[B]``."""
 
     tokens: torch.Tensor
     """Chosen token ids (long)."""
     logprobs: torch.Tensor
-    """Log-probability of the token under the sampling distribution (0 for greedy)."""
+    """Log-probability of the token under the sampling distribution (0 for greedy; with XTC, the
+    distribution given the coin)."""
     model_logprobs: torch.Tensor
     """Log-softmax of the raw (unpenalized, untempered) logits at the token: for perplexity."""
     entropy: torch.Tensor
     """Entropy of the sampling distribution, in nats (0 for greedy)."""
     num_kept: torch.Tensor
     """Number of tokens with non-zero probability (1 for greedy)."""
+    state: SamplerState | None = None
+    """The state after this draw (None for stateless configs)."""
 
 
 @dataclass(frozen=True)
@@ -62,37 +84,74 @@ class Candidates:
 
     ids: torch.Tensor
     logits: torch.Tensor
+    wide: torch.Tensor | None = None
+    """[B] bools: rows computed on the whole (large) vocabulary, ``ids`` = arange; None = no such row."""
+    narrow_width: int | None = None
+    """Columns that hold every candidate of the other rows (None: all)."""
 
     def log_probs(self) -> torch.Tensor:
         return torch.log_softmax(self.logits, dim=-1)
+
+    def dense(self, vocab: int) -> torch.Tensor:
+        """Probabilities over the whole vocabulary, float32 ``[B, V]``."""
+        probs = torch.zeros(self.ids.shape[0], vocab, device=self.ids.device)
+        return probs.scatter_add_(1, self.ids, self.log_probs().exp().float())
 
 
 class TokenSampler:
     """Applies a `SamplingConfig` to batched logits.
 
-    Seeding: the draw of row b at a call is a pure function of its logits, its row seed and its step.
-    Row seeds come from ``row_seeds`` (``[B]``), else ``config.seed`` for every row, else fresh random
-    seeds (from ``generator`` if given). The step is the ``step`` argument (int or ``[B]``), else the
-    sampler's own counter, which counts ``sample()`` calls: a decoder that calls ``sample()`` once per
-    generated position gets step = position, whatever the batch.
+    Seeding: the draw of row b at a call is a pure function of its logits, its row seed, its step and its
+    state. Row seeds come from ``row_seeds`` (``[B]``), else ``config.seed`` for every row, else fresh
+    random seeds (from ``generator`` if given). The step is the ``step`` argument (int or ``[B]``), else
+    the sampler's own counter, which counts ``sample()`` calls: a decoder that calls ``sample()`` once per
+    generated position gets step = position, whatever the batch. See the module docstring for the state.
     """
 
     def __init__(self, config: SamplingConfig) -> None:
         self.config = config
         self.calls = 0
+        self._modifiers, self._rest, self._fast = split_chain(config)
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> SamplerState:
+        """μ₀ = 2τ per row when mirostat is on, else an empty state."""
+        if not self.config.is_stateful:
+            return SamplerState()
+        return SamplerState(
+            torch.full((batch,), 2.0 * self.config.mirostat_tau, dtype=torch.float64, device=device)
+        )
 
     def distribution(
-        self, logits: torch.Tensor, history: torch.Tensor | None = None, generated: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        history: torch.Tensor | None = None,
+        generated: torch.Tensor | None = None,
+        *,
+        state: SamplerState | None = None,
+        row_seeds: torch.Tensor | None = None,
+        step: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The exact distribution ``sample()`` draws from: float32 ``[B, V]``."""
+        """The exact distribution ``sample()`` draws from: float32 ``[B, V]``.
+
+        With XTC, the mixture (1−P)·π + P·π_xtc, or, given ``row_seeds`` and ``step``, the branch their
+        coin picks (what ``sample`` with the same seeds and step draws from).
+        """
         raw = _last_position(logits)
-        penalized = self._penalize(raw, history, generated)
+        modified = self._modify(raw, history, generated)
+        vocab = raw.shape[1]
         if self.config.is_greedy:
-            tokens = _greedy(penalized)
-            return torch.zeros_like(penalized).scatter_(1, tokens.unsqueeze(1), 1.0)
-        candidates = self.candidates(penalized, already_penalized=True)
-        probs = torch.zeros_like(penalized)
-        return probs.scatter_add_(1, candidates.ids, candidates.log_probs().exp())
+            tokens = _greedy(modified)
+            return torch.zeros_like(modified).scatter_(1, tokens.unsqueeze(1), 1.0)
+        mu = self._mu(state, raw.shape[0], raw.device)
+        if "xtc" not in self.config.stages or row_seeds is not None:
+            coin = self._xtc_coin(row_seeds, step, raw.shape[0], raw.device)
+            return self._candidates(modified, history, generated, mu, coin).dense(vocab)
+        p = self.config.xtc_probability
+        hit = self._candidates(modified, history, generated, mu, True).dense(vocab)
+        if p >= 1.0:
+            return hit
+        miss = self._candidates(modified, history, generated, mu, False).dense(vocab)
+        return (1.0 - p) * miss + p * hit
 
     def sample(
         self,
@@ -103,40 +162,67 @@ class TokenSampler:
         *,
         generated: torch.Tensor | None = None,
         step: int | torch.Tensor | None = None,
+        state: SamplerState | None = None,
     ) -> SampleOutput:
-        """Draw one token per row from exactly ``distribution(logits, history, generated)``.
+        """Draw one token per row from exactly ``distribution(logits, history, generated, state=state)``.
 
         ``history``: ``[B, L]`` context ids (prompt + generated, negative = padding) for the repetition
-        penalty; ``generated``: the generated part, for frequency/presence penalties (default: history).
+        penalty, DRY and no-repeat-n-gram; ``generated``: the generated part, for frequency/presence
+        penalties (default: history).
         """
         raw = _last_position(logits)
-        batch = raw.shape[0]
-        penalized = self._penalize(raw, history, generated)
+        batch, device = raw.shape[0], raw.device
+        modified = self._modify(raw, history, generated)
         step = self.calls if step is None else step
         self.calls += 1
         if self.config.is_greedy:
-            tokens = _greedy(penalized)
-            zeros = torch.zeros(batch, device=raw.device)
-            return SampleOutput(
-                tokens,
-                zeros,
-                _model_logprobs(raw, tokens),
-                zeros.clone(),
-                torch.ones(batch, dtype=torch.long, device=raw.device),
-            )
-        candidates = self.candidates(penalized, already_penalized=True)
-        keys = noise.row_keys(
-            self._row_seeds(batch, raw.device, generator, row_seeds),
-            torch.as_tensor(step, device=raw.device).expand(batch),
-        )
-        winner = noise.race_argmax(candidates.logits, keys, candidates.ids).unsqueeze(1)
+            tokens = _greedy(modified)
+            zeros = torch.zeros(batch, device=device)
+            ones = torch.ones(batch, dtype=torch.long, device=device)
+            return SampleOutput(tokens, zeros, _model_logprobs(raw, tokens), zeros.clone(), ones, state)
+        seeds = self._row_seeds(batch, device, generator, row_seeds)
+        steps = torch.as_tensor(step, device=device).expand(batch)
+        mu = self._mu(state, batch, device)
+        coin = self._xtc_coin(seeds, steps, batch, device)
+        candidates = self._candidates(modified, history, generated, mu, coin)
+        winner = _race(candidates, seeds, steps).unsqueeze(1)
         tokens = candidates.ids.gather(1, winner).squeeze(1)
         log_probs = candidates.log_probs()
+        token_logprobs = log_probs.gather(1, winner).squeeze(1)
         kept = torch.isfinite(candidates.logits)
         entropy = -torch.where(kept, log_probs.exp() * log_probs, 0.0).sum(1)
+        new_state = self._advanced(state, mu, token_logprobs)
         return SampleOutput(
-            tokens, log_probs.gather(1, winner).squeeze(1), _model_logprobs(raw, tokens), entropy, kept.sum(1)
+            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy, kept.sum(1), new_state
         )
+
+    def advance_state(
+        self,
+        state: SamplerState | None,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        history: torch.Tensor | None = None,
+        generated: torch.Tensor | None = None,
+        *,
+        row_seeds: torch.Tensor | None = None,
+        step: int | torch.Tensor | None = None,
+    ) -> SamplerState | None:
+        """The state after ``tokens`` ([B]) were chosen from these logits (pure; ``state`` is not changed).
+
+        With XTC and mirostat both on, pass ``row_seeds`` and ``step``: the truncated distribution
+        depends on the coin.
+        """
+        if not self.config.is_stateful:
+            return state
+        raw = _last_position(logits)
+        batch, device = raw.shape[0], raw.device
+        if "xtc" in self.config.stages and row_seeds is None:
+            raise ValueError("advance_state with XTC and mirostat needs row_seeds and step (the XTC coin)")
+        mu = self._mu(state, batch, device)
+        coin = self._xtc_coin(row_seeds, step, batch, device)
+        candidates = self._candidates(self._modify(raw, history, generated), history, generated, mu, coin)
+        probs = candidates.dense(raw.shape[1]).double()
+        return self._advanced(state, mu, probs.gather(1, tokens.view(-1, 1).to(device)).squeeze(1).log())
 
     def candidates(
         self,
@@ -145,30 +231,40 @@ class TokenSampler:
         generated: torch.Tensor | None = None,
         *,
         already_penalized: bool = False,
+        state: SamplerState | None = None,
+        xtc_active: torch.Tensor | bool = True,
     ) -> Candidates:
         """Final logits on the smallest candidate set that provably holds every token with mass."""
-        penalized = (
-            logits if already_penalized else self._penalize(_last_position(logits), history, generated)
-        )
-        config = self.config
-        filters = [stage for stage in config.stages if stage in FILTERS]
-        vocab = penalized.shape[1]
-        if not filters:
-            ids = torch.arange(vocab, device=penalized.device).expand_as(penalized)
-            return Candidates(ids, self._run_stages(penalized, None)[0])
-        first = filters[0]
+        raw = _last_position(logits)
+        modified = raw if already_penalized else self._modify(raw, history, generated)
+        mu = self._mu(state, raw.shape[0], raw.device)
+        return self._candidates(modified, history, generated, mu, xtc_active)
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _candidates(self, modified, history, generated, mu, coin) -> Candidates:
+        if not self._fast:
+            final = self._dense(modified, history, generated, mu, coin)
+            return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
+        rest, config = self._rest, self.config
+        vocab = modified.shape[1]
+        first = next(s for s in rest if STAGES[s].kind != "scale")
         width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
-        log_total = self._first_filter_log_total(penalized) if first == "top_p" else None
-        rows, pending = penalized, None  # pending: indices of rows still undecided (None = all rows)
+        rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
         ids = final = None
+        narrow_width = width
         while True:
-            values, cand_ids = top_candidates(rows, width)
-            row_log_total = log_total if pending is None or log_total is None else log_total[pending]
-            row_final, decided = self._run_stages(values, row_log_total)
-            if width == vocab:
-                decided[:] = True
+            rows_mu = mu if pending is None or mu is None else mu[pending]
+            rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
+            if width == vocab:  # the whole rows, unsorted
+                cand_ids, row_final = _all_ids(rows), self._dense(rows, None, None, rows_mu, rows_coin)
+                decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+            else:
+                values, cand_ids = top_candidates(rows, width)
+                ctx = ChainContext(config, full=rows, sorted_desc=True, mu=rows_mu, xtc_active=rows_coin)
+                row_final, decided = run_chain(values, rest, ctx)
             if pending is None and bool(decided.all()):  # the common case: one pass decides every row
-                return Candidates(cand_ids, row_final)
+                return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)
             if pending is None:
                 ids, final = cand_ids, row_final
                 pending = torch.arange(rows.shape[0], device=rows.device)
@@ -178,62 +274,68 @@ class TokenSampler:
                 done = pending[decided]
                 ids[done] = cand_ids[decided]
                 final[done] = row_final[decided]
+            narrow_width = narrow_width if width == vocab else width
             pending = pending[~decided]
             if not pending.numel():
-                return Candidates(ids, final)
-            rows = penalized[pending]
+                wide = None
+                if vocab > _MAX_CANDIDATES and width == vocab:
+                    wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+                    wide[done] = True  # the rows this pass over the whole vocabulary decided
+                return Candidates(ids, final, wide, narrow_width)
+            rows = modified[pending]
             width = width * _GROWTH
-            width = vocab if width * 4 > vocab else width  # a huge top-k costs as much as a sort
+            width = vocab if width > _MAX_CANDIDATES or width * 4 > vocab else width
 
-    def _run_stages(
-        self, values: torch.Tensor, log_total: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Temperature and filters in the config's order on sorted candidate values.
+    def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
+        """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
+        for the allocator to reuse (fresh pages for each 40 MB temporary cost more than the arithmetic)."""
+        block = max(1, _DENSE_BLOCK_ELEMENTS // rows.shape[1])
+        finals = []
+        for start in range(0, rows.shape[0], block):
+            part = slice(start, start + block)
+            history_part, generated_part, mu_part, coin_part = (
+                x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
+            )
+            ctx = ChainContext(self.config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
+            finals.append(run_chain(rows[part], self._rest, ctx)[0])
+        return finals[0] if len(finals) == 1 else torch.cat(finals)
 
-        ``log_total`` (the full vocabulary's log-normalizer) feeds the first filter if it is top-p.
-        Also returns, per row, whether the first filter dropped the last (smallest) candidate: only then
-        is everything outside the candidates provably dropped and the result exact.
-        """
+    def _modify(self, raw, history, generated) -> torch.Tensor:
+        """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
+        stages = self._modifiers
+        if self.config.is_greedy:
+            stages = tuple(s for s in self.config.stages if STAGES[s].kind == "modifier")
+        ctx = ChainContext(self.config, history, generated)
+        for name in stages:
+            raw = STAGES[name].apply(raw, ctx)
+        return _check_finite_mass(raw)
+
+    def _mu(self, state: SamplerState | None, batch: int, device) -> torch.Tensor | None:
+        if not self.config.is_stateful:
+            return None
+        mu = (state or self.initial_state(batch, device)).mu
+        if mu is None or mu.shape != (batch,):
+            raise ValueError(
+                f"state.mu must have shape ({batch},), got {None if mu is None else tuple(mu.shape)}"
+            )
+        return mu.to(device)
+
+    def _advanced(self, state, mu, token_logprobs) -> SamplerState | None:
+        if mu is None:
+            return state
         config = self.config
-        first_filter_done = False
-        decided = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
-        for stage in config.stages:
-            if stage == "temperature":
-                values = values / config.temperature
-            elif stage == "top_k":
-                values = top_k_filter(values, config.top_k, sorted_desc=True)
-            elif stage == "min_p":
-                values = min_p_filter(values, config.min_p)
-            elif stage == "top_p":
-                values = top_p_filter(
-                    values, config.top_p, None if first_filter_done else log_total, sorted_desc=True
-                )
-            if stage in FILTERS and not first_filter_done:
-                first_filter_done = True
-                decided = torch.isinf(values[:, -1])
-        return values, decided
+        return SamplerState(mirostat_update(mu, token_logprobs, config.mirostat_tau, config.mirostat_eta))
 
-    def _first_filter_log_total(self, penalized: torch.Tensor) -> torch.Tensor:
-        """Log-normalizer of the full vocabulary as the first filter sees it (tempered if T came first)."""
-        stages = self.config.stages
-        tempered = "temperature" in stages and stages.index("temperature") < stages.index("top_p")
-        scaled = penalized / self.config.temperature if tempered else penalized
-        return logsumexp(scaled).double()
-
-    def _penalize(
-        self, raw: torch.Tensor, history: torch.Tensor | None, generated: torch.Tensor | None
-    ) -> torch.Tensor:
-        config = self.config
-        penalized = apply_penalties(
-            raw,
-            history,
-            repetition_penalty=config.repetition_penalty,
-            repetition_window=config.repetition_window,
-            generated=generated,
-            frequency_penalty=config.frequency_penalty,
-            presence_penalty=config.presence_penalty,
-        )
-        return _check_finite_mass(penalized)
+    def _xtc_coin(self, seeds, step, batch, device) -> torch.Tensor | bool:
+        """Per row, whether XTC acts at this step: uniform(seed, step, XTC stream) < P."""
+        p = self.config.xtc_probability
+        if "xtc" not in self.config.stages or p >= 1.0:
+            return True
+        if seeds is None or step is None:
+            raise ValueError("the XTC coin needs row seeds and a step")
+        seeds = torch.as_tensor(seeds, dtype=torch.long, device=device).expand(batch)
+        steps = torch.as_tensor(step, device=device).expand(batch)
+        return noise.uniform(noise.row_keys(seeds, steps, XTC_STREAM)) < p
 
     def _row_seeds(
         self,
@@ -250,6 +352,55 @@ class TokenSampler:
         if self.config.seed is not None:
             return torch.full((batch,), self.config.seed, dtype=torch.long, device=device)
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
+
+
+def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
+    if rows.shape[1] <= _MAX_CANDIDATES:
+        return None
+    return torch.ones(batch, dtype=torch.bool, device=rows.device)
+
+
+def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """The winning column per row: an exponential race over the candidates, keyed by token id; rows on
+    the whole vocabulary race in two levels instead (`chunked_race`: the same distribution, a tenth of
+    the hashing). Which applies depends on the row alone, so draws stay batch-invariant."""
+    keys = noise.row_keys(seeds, steps)
+    wide = candidates.wide
+    if wide is None or not bool(wide.any()):
+        return noise.race_argmax(candidates.logits, keys, candidates.ids)
+    winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
+    narrow = ~wide
+    if bool(narrow.any()):
+        width = candidates.narrow_width or candidates.ids.shape[1]
+        logits, ids = candidates.logits[narrow, :width], candidates.ids[narrow, :width]
+        winner[narrow] = noise.race_argmax(logits, keys[narrow], ids)
+    chunk_keys = noise.row_keys(seeds[wide], steps[wide], CHUNK_STREAM)
+    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys)
+    return winner
+
+
+def chunked_race(
+    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor, chunk: int = _CHUNK
+) -> torch.Tensor:
+    """A token per row with probability softmax(logits): a race among chunks of ``chunk`` consecutive ids
+    weighted by their mass (noise keyed by chunk index), then a race inside the winning chunk (keyed by
+    token id). P(i) = P(chunk of i)·P(i | chunk) = π_i; one exp pass instead of hashing every token."""
+    batch, vocab = logits.shape
+    full = vocab // chunk
+    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
+    if vocab > full * chunk:
+        masses = torch.cat([masses, weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)], 1)
+    starts = noise.race_argmax(masses.log(), chunk_keys) * chunk
+    columns = starts.unsqueeze(1) + torch.arange(chunk, device=logits.device)
+    inside = columns < vocab
+    columns = columns.clamp(max=vocab - 1)
+    window = logits.gather(1, columns).masked_fill(~inside, NEG_INF)
+    return columns.gather(1, noise.race_argmax(window, keys, columns).unsqueeze(1)).squeeze(1)
+
+
+def _all_ids(rows: torch.Tensor) -> torch.Tensor:
+    return torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
 
 
 def top_candidates(

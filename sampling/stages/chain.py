@@ -1,0 +1,182 @@
+"""The stage registry and the chain runner: which stages exist, how each is applied, and which kind it is.
+
+Adding a stage = one pure function (in this package) + one `STAGES` entry + its fields in `SamplingConfig`
+(and its `STAGE_ENABLED` rule). Kinds tell `TokenSampler` what it may assume:
+
+- ``modifier``: changes logits token by token (needs ids and the history): run on the whole vocabulary;
+- ``scale``: a per-row positive scale (temperature), order-preserving;
+- ``upper``: a threshold filter keeping an upper set of values — the candidate fast path can run it first;
+- ``other``: a filter that needs the whole distribution it receives (typical, XTC).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from sampling.config import SamplingConfig
+from sampling.processors import (
+    add_logit_bias,
+    apply_penalties,
+    dry_penalty,
+    dynamic_temperature,
+    epsilon_filter,
+    eta_filter,
+    min_p_filter,
+    mirostat_filter,
+    no_repeat_ngram_ban,
+    top_k_filter,
+    top_n_sigma_filter,
+    top_p_filter,
+    typical_filter,
+    xtc_filter,
+)
+from sampling.stages.common import entropy, logsumexp
+from sampling.stages.filters import finite_std
+
+
+@dataclass
+class ChainContext:
+    """What a stage may read besides the logits it receives.
+
+    ``full`` holds the whole rows while the chain runs on candidate columns and no filter has run yet
+    (the row statistics then come from ``full`` scaled by ``scale``, the product of the temperatures so
+    far); once a filter ran, the candidates hold every surviving token and ``full`` is None.
+    """
+
+    config: SamplingConfig
+    history: torch.Tensor | None = None
+    generated: torch.Tensor | None = None
+    full: torch.Tensor | None = None
+    scale: torch.Tensor | float = 1.0
+    sorted_desc: bool = False
+    mu: torch.Tensor | None = None
+    xtc_active: torch.Tensor | bool = True
+    _scaled: torch.Tensor | None = field(default=None, repr=False)
+
+    def _row(self, values: torch.Tensor) -> torch.Tensor:
+        if self.full is None:
+            return values
+        if self._scaled is None:
+            self._scaled = self.full.double() * self.scale
+        return self._scaled
+
+    def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
+        return None if self.full is None else logsumexp(self._row(values))
+
+    def entropy(self, values: torch.Tensor) -> torch.Tensor:
+        return entropy(self._row(values))
+
+    def count(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.isfinite(self._row(values)).sum(-1)
+
+    def sigma(self, values: torch.Tensor) -> torch.Tensor:
+        return finite_std(self._row(values))
+
+    def rescale(self, temperature: torch.Tensor | float) -> None:
+        if isinstance(temperature, torch.Tensor):
+            temperature = temperature.view(-1, 1)
+        self.scale = self.scale / temperature
+        self._scaled = None
+
+
+def _temperature(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    c = ctx.config
+    if c.dynatemp_range <= 0.0:
+        ctx.rescale(c.temperature)
+        return values / c.temperature
+    temps = dynamic_temperature(
+        values, c.temperature, c.dynatemp_range, c.dynatemp_exponent, ctx.entropy(values), ctx.count(values)
+    )
+    ctx.rescale(temps)
+    return (values.double() / temps.view(-1, 1)).to(values.dtype)
+
+
+def _penalties(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    c = ctx.config
+    return apply_penalties(
+        values,
+        ctx.history,
+        repetition_penalty=c.repetition_penalty,
+        repetition_window=c.repetition_window,
+        generated=ctx.generated,
+        frequency_penalty=c.frequency_penalty,
+        presence_penalty=c.presence_penalty,
+    )
+
+
+def _dry(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    c = ctx.config
+    return dry_penalty(
+        values,
+        ctx.history,
+        c.dry_multiplier,
+        c.dry_base,
+        c.dry_allowed_length,
+        c.dry_penalty_last_n,
+        c.dry_sequence_breakers,
+    )
+
+
+@dataclass(frozen=True)
+class Stage:
+    apply: Callable[[torch.Tensor, ChainContext], torch.Tensor]
+    kind: str
+
+
+STAGES: dict[str, Stage] = {
+    "penalties": Stage(_penalties, "modifier"),
+    "dry": Stage(_dry, "modifier"),
+    "no_repeat_ngram": Stage(
+        lambda v, ctx: no_repeat_ngram_ban(v, ctx.history, ctx.config.no_repeat_ngram_size), "modifier"
+    ),
+    "logit_bias": Stage(lambda v, ctx: add_logit_bias(v, ctx.config.logit_bias), "modifier"),
+    "temperature": Stage(_temperature, "scale"),
+    "top_k": Stage(lambda v, ctx: top_k_filter(v, ctx.config.top_k, ctx.sorted_desc), "upper"),
+    "top_p": Stage(
+        lambda v, ctx: top_p_filter(v, ctx.config.top_p, ctx.log_total(v), ctx.sorted_desc), "upper"
+    ),
+    "min_p": Stage(lambda v, ctx: min_p_filter(v, ctx.config.min_p), "upper"),
+    "typical_p": Stage(lambda v, ctx: typical_filter(v, ctx.config.typical_p), "other"),
+    "epsilon": Stage(lambda v, ctx: epsilon_filter(v, ctx.config.epsilon_cutoff, ctx.log_total(v)), "upper"),
+    "eta": Stage(
+        lambda v, ctx: eta_filter(v, ctx.config.eta_cutoff, ctx.log_total(v), ctx.entropy(v)), "upper"
+    ),
+    "top_n_sigma": Stage(lambda v, ctx: top_n_sigma_filter(v, ctx.config.top_n_sigma, ctx.sigma(v)), "upper"),
+    "xtc": Stage(
+        lambda v, ctx: xtc_filter(v, ctx.config.xtc_threshold, ctx.xtc_active, ctx.log_total(v)), "other"
+    ),
+    "mirostat": Stage(lambda v, ctx: mirostat_filter(v, ctx.mu, ctx.log_total(v)), "upper"),
+}
+"""Every stage by name (the same names as `sampling.config.STAGE_NAMES`)."""
+
+
+def split_chain(config: SamplingConfig) -> tuple[tuple[str, ...], tuple[str, ...], bool]:
+    """(modifiers to run on the whole vocabulary first, the rest of the chain, whether the rest can run on
+    a candidate prefix: no modifier in it, and its first non-scale stage is an upper-set filter)."""
+    stages = config.stages
+    head = 0
+    while head < len(stages) and STAGES[stages[head]].kind == "modifier":
+        head += 1
+    rest = stages[head:]
+    kinds = [STAGES[s].kind for s in rest]
+    first_filter = next((k for k in kinds if k != "scale"), None)
+    return stages[:head], rest, first_filter == "upper" and "modifier" not in kinds
+
+
+def run_chain(
+    values: torch.Tensor, stages: tuple[str, ...], ctx: ChainContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply ``stages`` in order. Also returns, per row, whether the result is exact: always in dense mode
+    (``ctx.full`` None); on candidates, iff the first filter dropped the last (smallest) candidate, so
+    that every token outside the candidates is provably dropped too."""
+    decided = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
+    for name in stages:
+        stage = STAGES[name]
+        values = stage.apply(values, ctx)
+        if stage.kind != "scale" and ctx.full is not None:
+            decided = torch.isinf(values[:, -1])
+            ctx.full = None
+    return values, decided

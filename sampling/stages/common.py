@@ -1,0 +1,101 @@
+"""Helpers every stage shares: the row normalizer and entropy, the keep-the-best rule, and a threshold on a
+key by cumulative mass that needs no full sort on large rows."""
+
+from __future__ import annotations
+
+import torch
+
+NEG_INF = float("-inf")
+BUCKETS = 2048
+"""Histogram resolution of `mass_threshold` on large rows; only one bucket per row is then sorted."""
+SORT_UP_TO = 4096
+"""Rows up to this width are simply sorted by `mass_threshold`."""
+
+
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """``log Σ exp`` over the last dim; rows that are all ``-inf`` give ``-inf``.
+
+    Same result as `torch.logsumexp` for rows without ``+inf``, in a third of the kernel launches.
+
+    >>> logsumexp(torch.tensor([[0.0, 0.0], [float("-inf"), 1.0]]))
+    tensor([0.6931, 1.0000])
+    """
+    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
+    return (logits - top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+
+
+def entropy(logits: torch.Tensor, log_total: torch.Tensor | None = None) -> torch.Tensor:
+    """Entropy in nats of ``softmax(logits)`` per row (float64), ``log_total`` its log-normalizer if known.
+
+    >>> entropy(torch.tensor([[0.0, 0.0, float("-inf")]]))
+    tensor([0.6931], dtype=torch.float64)
+    """
+    values = logits.double()
+    log_total = logsumexp(values) if log_total is None else log_total.double()
+    log_probs = values - log_total.unsqueeze(-1)
+    return -torch.where(torch.isfinite(values), log_probs.exp() * log_probs, 0.0).sum(-1)
+
+
+def keep_or_most_likely(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``logits`` where ``keep``, else ``-inf``; rows where nothing is kept keep their maximum (ties too).
+
+    >>> keep_or_most_likely(torch.tensor([[1.0, 3.0, 3.0]]), torch.tensor([[False, False, False]]))
+    tensor([[-inf, 3., 3.]])
+    """
+    empty = ~keep.any(dim=-1, keepdim=True)
+    keep = keep | (empty & (logits == logits.amax(dim=-1, keepdim=True)))
+    return logits.masked_fill(~keep, NEG_INF)
+
+
+def mass_threshold(keys: torch.Tensor, log_weights: torch.Tensor, mass: float) -> torch.Tensor:
+    """Per row the threshold t ([B, 1], keys' dtype) with: key_i ≥ t ⇔ Σ_{j: key_j > key_i} π_j < ``mass``.
+
+    π = softmax(``log_weights``) (float64). This is top-p with the order given by ``keys``: the token that
+    crosses ``mass`` is kept and equal keys share a fate. Rows wider than `SORT_UP_TO` are not sorted: a
+    histogram of the keys in `BUCKETS` equal-width buckets gives the mass above each bucket, and only the
+    boundary bucket is sorted (bucket indices are monotone in the key, so ties share a bucket).
+
+    >>> mass_threshold(torch.tensor([[3.0, 1.0, 2.0]]), torch.log(torch.tensor([[0.5, 0.2, 0.3]])), 0.6)
+    tensor([[2.]])
+    """
+    log_probs = log_weights.double() - logsumexp(log_weights.double()).unsqueeze(-1)
+    if keys.shape[-1] <= SORT_UP_TO:
+        return _sorted_threshold(keys, log_probs.exp(), mass, torch.zeros_like(log_probs[:, 0]))
+    return _bucketed_threshold(keys, log_probs.exp(), mass)
+
+
+def _sorted_threshold(
+    keys: torch.Tensor, probs: torch.Tensor, mass: float, mass_before: torch.Tensor
+) -> torch.Tensor:
+    """`mass_threshold` by a sort; ``mass_before`` [B] is the mass of tokens above every column."""
+    sorted_keys, order = torch.sort(keys, dim=-1, descending=True)
+    sorted_probs = probs.gather(-1, order)
+    mass_above = sorted_probs.cumsum(-1) - sorted_probs + mass_before.unsqueeze(-1)
+    # a tie group's first member has the smallest mass above, so ties at the boundary stay together
+    last_kept = ((mass_above < mass) & (sorted_keys > NEG_INF)).sum(-1, keepdim=True).clamp(min=1) - 1
+    return sorted_keys.gather(-1, last_kept)
+
+
+def _bucketed_threshold(keys: torch.Tensor, probs: torch.Tensor, mass: float) -> torch.Tensor:
+    batch = keys.shape[0]
+    top = keys.amax(-1, keepdim=True)
+    finite = torch.isfinite(keys)
+    bottom = torch.where(finite, keys, top).amin(-1, keepdim=True)
+    scale = (BUCKETS - 1) / (top - bottom).clamp(min=1e-30)
+    bucket = ((top - keys) * scale).nan_to_num_(posinf=BUCKETS - 1).clamp_(0, BUCKETS - 1).long()
+    bucket_mass = torch.zeros(batch, BUCKETS, dtype=probs.dtype, device=keys.device).scatter_add_(
+        1, bucket, probs
+    )
+    above = bucket_mass.cumsum(-1) - bucket_mass
+    boundary = ((above < mass).sum(-1, keepdim=True) - 1).clamp(min=0)
+    members = (bucket == boundary) & finite
+    rows, cols = members.nonzero(as_tuple=True)
+    counts = torch.bincount(rows, minlength=batch)
+    width = max(int(counts.max()), 1)
+    slot = torch.arange(rows.numel(), device=keys.device) - (counts.cumsum(0) - counts)[rows]
+    member_keys = torch.full((batch, width), NEG_INF, dtype=keys.dtype, device=keys.device)
+    member_probs = torch.zeros(batch, width, dtype=probs.dtype, device=keys.device)
+    member_keys[rows, slot] = keys[rows, cols]
+    member_probs[rows, slot] = probs[rows, cols]
+    threshold = _sorted_threshold(member_keys, member_probs, mass, above.gather(-1, boundary).squeeze(-1))
+    return torch.where(counts.unsqueeze(-1) > 0, threshold, bottom)
