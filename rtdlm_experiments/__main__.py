@@ -19,8 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app, tracking
-from rtdlm_experiments.report import KEY_METRICS
+from rtdlm_experiments import app, results, tracking
 from rtdlm_experiments.schema import ConfigError, config_dir
 
 
@@ -44,13 +43,13 @@ def main(cfg: DictConfig) -> dict[str, float]:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
         config = app.resolved_config(cfg, spec) if spec else OmegaConf.to_container(cfg, resolve=True)
-        tracking.save_job(job_dir, app.failure_record(config, job, err, tracking_uri), [])
+        results.save_job(job_dir, results.failure_record(config, job, err, tracking_uri), [])
         if tracked:
             tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir)
         raise
 
-    record = app.job_record(app.resolved_config(cfg, spec), result, job, tracking_uri)
-    tracking.save_job(job_dir, record, app.generation_records(spec, result))
+    record = results.job_record(app.resolved_config(cfg, spec), result, job, tracking_uri)
+    results.save_job(job_dir, record, results.generation_records(spec, result))
     run = tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir) if tracked else None
     print(format_summary(record, job_dir, run, cfg.experiment_name))
     return result.metrics
@@ -60,22 +59,26 @@ def _finished_earlier(cfg: DictConfig, spec: app.JobSpec, sweep_dir: Path | None
     """This job's FINISHED run from an earlier attempt, when its sweep resumes a parent run."""
     if sweep_dir is None:
         return None
-    return tracking.finished_job(sweep_dir, app.config_hash(app.resolved_config(cfg, spec)))
+    return results.finished_job_on_disk(sweep_dir, results.config_hash(app.resolved_config(cfg, spec)))
 
 
 def _reuse(
-    cfg: DictConfig, spec: app.JobSpec, job: app.JobMeta, finished: dict[str, Any], tracking_uri: str | None
+    cfg: DictConfig,
+    spec: app.JobSpec,
+    job: results.JobMeta,
+    finished: dict[str, Any],
+    tracking_uri: str | None,
 ) -> dict[str, float]:
     """A resumed sweep's job that already FINISHED: record that (no new run) instead of generating."""
-    record = app.reused_record(app.resolved_config(cfg, spec), job, tracking_uri, finished)
+    record = results.reused_record(app.resolved_config(cfg, spec), job, tracking_uri, finished)
     job_dir = Path(job.output_dir)
-    tracking.save_job(job_dir, record, [])
+    results.save_job(job_dir, record, [])
     tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, Path(job.sweep_dir))
     print(f"== {job.run_name} | already FINISHED as MLflow run {finished['run_id']}: not rerun")
     return record["metrics"]
 
 
-def job_meta(hydra_cfg: DictConfig) -> app.JobMeta:
+def job_meta(hydra_cfg: DictConfig) -> results.JobMeta:
     """This job's place in its run or sweep. In a sweep its run name is its value of each swept key
     (``sampling=creative``, not ``sampling=creative model=tiny-random``); else all its overrides."""
     overrides = list(hydra_cfg.overrides.task)
@@ -83,9 +86,9 @@ def job_meta(hydra_cfg: DictConfig) -> app.JobMeta:
     name_parts = overrides
     if hydra_cfg.mode == RunMode.MULTIRUN:
         sweep_dir = Path(hydra_cfg.sweep.dir).resolve()
-        if swept := (tracking.read_sweep_info(sweep_dir) or {}).get("swept_keys"):
+        if swept := (results.read_sweep_info(sweep_dir) or {}).get("swept_keys"):
             name_parts = [override for override in overrides if _override_key(override) in swept]
-    return app.JobMeta(
+    return results.JobMeta(
         run_name=" ".join(name_parts) or "default",
         overrides=overrides,
         num=int(hydra_cfg.job.get("num") or 0),
@@ -111,10 +114,10 @@ def format_summary(
         f"{record['num_prompts']} prompts x {config['num_samples']} samples x "
         f"{config['max_new_tokens']} new tokens"
     ]
-    shown = [name for name in KEY_METRICS if name in metrics]
+    shown = [name for name in results.KEY_METRICS if name in metrics]
     width = max(map(len, shown), default=0)
     lines += [f"  {name:<{width}}  {metrics[name]:.4g}" for name in shown]
-    lines.append(f"results: {job_dir / tracking.RESULTS_FILE}")
+    lines.append(f"results: {job_dir / results.RESULTS_FILE}")
     if run is not None:
         lines.append(f"mlflow:  run {run.run_id} in experiment {experiment_name!r} at {run.tracking_uri}")
         if run.tracking_uri.startswith("sqlite:"):

@@ -1,39 +1,38 @@
 """One experiment job: composed config → validated spec → model + decoder → generations → metrics.
 
-Everything here is computation; saving and logging the result is `rtdlm_experiments.tracking`'s job.
-`prepare_job` checks every value before anything heavy happens, so a bad override fails in a second
-with one line naming the field.
+Everything here is computation: the job's record format is `rtdlm_experiments.results`', saving and
+logging it the entry point's (`rtdlm_experiments.__main__`). `prepare_job` checks every value before
+anything heavy happens, so a bad override fails in a second with one line naming the field.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from rtdlm_experiments.metrics import all_metrics
+from rtdlm_experiments.models import ModelPreparationError, load_model, validate_model_config
 from rtdlm_experiments.prompt_sets import Prompt, load_prompts
 from rtdlm_experiments.schema import ConfigError
-from sampling import SamplingConfig, decoding, get_preset
+from sampling import SamplingConfig, get_preset
+from sampling.decoding import AutoregressiveDecoder
 from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, merge_outputs
 
 TRACKING_BACKENDS = ("mlflow", "none")
 
-_DECODER_CLASSES: dict[str, str] = {
-    "autoregressive": "AutoregressiveDecoder",
-    "speculative": "SpeculativeDecoder",
-    "self_speculative": "SelfSpeculativeDecoder",
-    "prompt_lookup": "PromptLookupDecoder",
-}
-"""Decoder config name → class in `sampling.decoding`, looked up only when chosen."""
+_POSITIVE_DECODER_FIELDS = ("num_draft_tokens", "max_ngram", "exit_layer")
+_LABEL_KEYS = ("name",)
+"""Decoder config keys that describe the job but are no constructor arguments."""
+_DRAFT_MODEL_KEY = "draft_model"
+"""A decoder config field naming a model config: the app loads it next to the target and passes the
+loaded model under this keyword."""
 
 _WARMUP_TOKENS = 2
 
@@ -64,7 +63,7 @@ class Row:
 
 @dataclass
 class JobResult:
-    """What a job computed; `rtdlm_experiments.tracking` turns it into files and MLflow entries."""
+    """What a job computed; `rtdlm_experiments.results` turns it into the job's record."""
 
     output: GenerationOutput
     rows: list[Row]
@@ -93,15 +92,21 @@ def sampling_config(cfg: Mapping[str, Any], seed: int | None = None) -> Sampling
 
 
 def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
-    """Range checks of a ``decoder`` config that need no model (the schema already checked types)."""
-    name = cfg["name"]
-    if name not in _DECODER_CLASSES:
-        raise ConfigError(f"decoder.name={name!r} is invalid: must be one of {sorted(_DECODER_CLASSES)}")
-    for key in ("num_draft_tokens", "max_ngram", "exit_layer"):
+    """Checks of a ``decoder`` config that need no model (the schema already checked types): its
+    ``_target_`` names a class, its counts are positive and its draft model config is valid."""
+    for key in _POSITIVE_DECODER_FIELDS:
         if key in cfg and cfg[key] < 1:
             raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
-    if name == "speculative":
-        _validate_model(cfg["draft_model"], field_name="decoder.draft_model")
+    try:
+        get_class(cfg["_target_"])
+    except Exception as err:
+        raise ConfigError(f"decoder._target_={cfg['_target_']!r} is invalid: {_first_line(err)}") from err
+    if _DRAFT_MODEL_KEY in cfg:
+        _validate_model(cfg[_DRAFT_MODEL_KEY], field_name=f"decoder.{_DRAFT_MODEL_KEY}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
 
 
 def prepare_job(cfg: DictConfig) -> JobSpec:
@@ -137,8 +142,6 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
 
 
 def _validate_model(model_cfg: Mapping[str, Any] | str, field_name: str) -> None:
-    from rtdlm_experiments.models import ModelPreparationError, validate_model_config
-
     try:
         validate_model_config(model_cfg)
     except (ValueError, TypeError, ModelPreparationError) as err:
@@ -156,67 +159,46 @@ def resolved_config(cfg: DictConfig, spec: JobSpec) -> dict[str, Any]:
     return config
 
 
-def config_hash(config: Mapping[str, Any]) -> str:
-    """Stable short hash of what determines a job's generations (everything but where it is logged).
-
-    Two jobs with the same hash produce the same results, which is what resuming a sweep keys on.
-    """
-    relevant = {key: value for key, value in config.items() if key not in ("tracking", "experiment_name")}
-    canonical = repr(sorted(_flatten(relevant).items()))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def flatten_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists stay values)."""
-    return _flatten(config)
-
-
-def _flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, prefix=f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 # --- building ---------------------------------------------------------------------------------------
 
 
 def build_decoder(
-    cfg: Mapping[str, Any], target: CausalLM, load_model: Callable[..., Any] | None = None
+    cfg: Mapping[str, Any], target: CausalLM, load_draft_model: Callable[..., CausalLM] = load_model
 ) -> Decoder:
-    """The decoder named by a ``decoder`` config, for ``target``.
+    """The decoder a ``decoder`` config describes, for ``target``, built with ``hydra.utils.instantiate``.
 
-    The class is looked up in `sampling.decoding` only when chosen, so a decoder that is not
-    implemented yet fails only the jobs that ask for it. A speculative draft model is loaded with
-    ``load_model`` (default: `rtdlm_experiments.models.load_model`) and must share the target's tokenizer.
+    A ``_partial_`` config is completed with what depends on the target: a ``draft_model`` (a model
+    config name) is loaded by ``load_draft_model`` where the target is and must share its tokenizer.
+    An ``exit_layer`` must be below the target's layer count.
     """
     validate_decoder_config(cfg)
-    name = cfg["name"]
-    decoder_class = getattr(decoding, _DECODER_CLASSES[name], None)
-    if decoder_class is None:
+    check_exit_layer(cfg, target)
+    arguments = {key: value for key, value in cfg.items() if key not in (*_LABEL_KEYS, _DRAFT_MODEL_KEY)}
+    built = instantiate(arguments)
+    if not isinstance(built, functools.partial):
+        return built
+    return built(**draft_model_argument(cfg, target, load_draft_model))
+
+
+def check_exit_layer(cfg: Mapping[str, Any], target: CausalLM) -> None:
+    """An early exit after layer ``exit_layer`` needs a later layer to verify with."""
+    if "exit_layer" in cfg and cfg["exit_layer"] >= target.num_layers:
         raise ConfigError(
-            f"decoder={name} is not available: sampling.decoding has no {_DECODER_CLASSES[name]}"
+            f"decoder.exit_layer={cfg['exit_layer']} is invalid: "
+            f"must be < the model's {target.num_layers} layers"
         )
-    if name == "autoregressive":
-        return decoder_class()
-    if name == "speculative":
-        if load_model is None:
-            from rtdlm_experiments.models import load_model
-        draft = load_model(cfg["draft_model"], **_placement(target))
-        check_same_tokenizer(target, draft, draft_name=cfg["draft_model"])
-        return decoder_class(draft, num_draft_tokens=cfg["num_draft_tokens"], adaptive=cfg["adaptive"])
-    if name == "self_speculative":
-        if cfg["exit_layer"] >= target.num_layers:
-            raise ConfigError(
-                f"decoder.exit_layer={cfg['exit_layer']} is invalid: "
-                f"must be < the model's {target.num_layers} layers"
-            )
-        return decoder_class(exit_layer=cfg["exit_layer"], num_draft_tokens=cfg["num_draft_tokens"])
-    return decoder_class(max_ngram=cfg["max_ngram"], num_draft_tokens=cfg["num_draft_tokens"])
+
+
+def draft_model_argument(
+    cfg: Mapping[str, Any], target: CausalLM, load_draft_model: Callable[..., CausalLM]
+) -> dict[str, CausalLM]:
+    """``{"draft_model": <loaded model>}`` when the config names one, else nothing to bind."""
+    if _DRAFT_MODEL_KEY not in cfg:
+        return {}
+    name = cfg[_DRAFT_MODEL_KEY]
+    draft = load_draft_model(name, **_placement(target))
+    check_same_tokenizer(target, draft, draft_name=name)
+    return {_DRAFT_MODEL_KEY: draft}
 
 
 def _placement(model: Any) -> dict[str, str]:
@@ -314,36 +296,18 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
     and seeds, in this process, so the speedup compares like with like. Both are warmed up first.
     ``progress_factory(total, description)`` returns a tqdm-like object with ``update(n)`` and ``close()``.
     """
-    from rtdlm_experiments.metrics import all_metrics
-    from rtdlm_experiments.models import load_model
-    from sampling.decoding import AutoregressiveDecoder
-
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     model = load_model(spec.model)
-    decoder = build_decoder(spec.decoder, model, load_model)
+    decoder = build_decoder(spec.decoder, model)
     timings["load_seconds"] = time.perf_counter() - tick
 
     prompt_ids = encode_prompts(model.tokenizer, spec.prompts, spec.chat_template)
     rows = plan_rows(len(spec.prompts), spec.num_samples, spec.seed)
     decoders = {"decoder": decoder}
-    if spec.decoder["name"] != "autoregressive":
+    if not isinstance(decoder, AutoregressiveDecoder):
         decoders = {"baseline": AutoregressiveDecoder(), **decoders}
-
-    tick = time.perf_counter()
-    for warm in decoders.values():
-        warm.generate(model, prompt_ids[:1], spec.sampling, _WARMUP_TOKENS, row_seeds=[rows[0].seed])
-    timings["warmup_seconds"] = time.perf_counter() - tick
-
-    outputs: dict[str, GenerationOutput] = {}
-    for role, active in decoders.items():
-        label = spec.decoder["name"] if role == "decoder" else "AR baseline"
-        bar = progress_factory(len(rows), label) if progress_factory else None
-        tick = time.perf_counter()
-        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.update if bar else None)
-        timings[f"{role}_wall_seconds"] = time.perf_counter() - tick
-        if bar:
-            bar.close()
+    outputs = _generate_timed(decoders, model, prompt_ids, rows, spec, timings, progress_factory)
     output, baseline = outputs["decoder"], outputs.get("baseline")
 
     tick = time.perf_counter()
@@ -363,126 +327,28 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
     )
 
 
-# --- records (what tracking saves) ------------------------------------------------------------------
+def _generate_timed(
+    decoders: Mapping[str, Decoder],
+    model: CausalLM,
+    prompt_ids: Sequence[list[int]],
+    rows: Sequence[Row],
+    spec: JobSpec,
+    timings: dict[str, float],
+    progress_factory: Callable[[int, str], Any] | None,
+) -> dict[str, GenerationOutput]:
+    """Warm up every decoder, then generate every row with each; adds their seconds to ``timings``."""
+    tick = time.perf_counter()
+    for warm in decoders.values():
+        warm.generate(model, prompt_ids[:1], spec.sampling, _WARMUP_TOKENS, row_seeds=[rows[0].seed])
+    timings["warmup_seconds"] = time.perf_counter() - tick
 
-
-@dataclass(frozen=True)
-class JobMeta:
-    """Where a job sits in its run or sweep (from Hydra's runtime config)."""
-
-    run_name: str
-    overrides: list[str]
-    num: int
-    output_dir: str
-    sweep_dir: str | None
-    started_at_ms: int
-
-
-_VERSIONED_PACKAGES = ("torch", "transformers", "mlflow", "hydra-core", "omegaconf", "rtdlm-experiments")
-
-
-@functools.cache
-def environment_info() -> dict[str, Any]:
-    """Python and package versions and, from a source checkout, the git commit (``dirty`` when the
-    working tree has uncommitted changes)."""
-    versions = {"python": platform.python_version()}
-    for package in _VERSIONED_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {
-        "versions": versions,
-        "hostname": platform.node(),
-        **_git_state(Path(__file__).resolve().parents[1]),
-    }
-
-
-def _git_state(checkout: Path) -> dict[str, Any]:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    if not (checkout / ".git").exists():
-        return {"git_sha": None, "git_dirty": None}
-    try:
-        return {"git_sha": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
-    except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
-
-
-def job_record(
-    config: dict[str, Any], result: JobResult, job: JobMeta, tracking_uri: str | None
-) -> dict[str, Any]:
-    """Everything ``results.json`` holds about a completed job."""
-    return _record(config, job, tracking_uri, status="COMPLETED") | {
-        "num_prompts": len(result.prompt_ids),
-        "metrics": result.metrics,
-        "timings": result.timings,
-        "decoder_stats": result.output.stats,
-        "environment": {**environment_info(), "device": result.device, "dtype": result.dtype},
-    }
-
-
-def failure_record(
-    config: dict[str, Any], job: JobMeta, error: BaseException, tracking_uri: str | None
-) -> dict[str, Any]:
-    """``results.json`` of a job that raised: its config and the error, so the failure is tracked too."""
-    return _record(config, job, tracking_uri, status="FAILED") | {"error": f"{type(error).__name__}: {error}"}
-
-
-def reused_record(
-    config: dict[str, Any], job: JobMeta, tracking_uri: str | None, finished: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``results.json`` of a job a resumed sweep did not rerun: it FINISHED in an earlier attempt as run
-    ``finished["run_id"]``, which holds its generations. Its metrics are copied so that the sweep's
-    summary covers every job."""
-    return _record(config, job, tracking_uri, status="COMPLETED") | {
-        "metrics": dict(finished["metrics"]),
-        "reused_run_id": finished["run_id"],
-    }
-
-
-def _record(config: dict[str, Any], job: JobMeta, tracking_uri: str | None, status: str) -> dict[str, Any]:
-    return {
-        "status": status,
-        "config": config,
-        "config_hash": config_hash(config),
-        "metrics": {},
-        "job": asdict(job),
-        "ended_at_ms": int(time.time() * 1000),
-        "environment": environment_info(),
-        "tracking_uri": tracking_uri,
-    }
-
-
-def generation_records(spec: JobSpec, result: JobResult) -> list[dict[str, Any]]:
-    """One ``generations.jsonl`` row per generated sequence, with its per-sample statistics."""
-    output = result.output
-    records = []
-    for index, row in enumerate(result.rows):
-        prompt = spec.prompts[row.prompt_index]
-        logprobs = output.model_logprobs[index] if output.model_logprobs else []
-        entropies = output.entropies[index] if output.entropies else []
-        records.append(
-            {
-                "prompt_index": row.prompt_index,
-                "sample_index": row.sample_index,
-                "seed": row.seed,
-                "category": prompt.category,
-                "prompt": prompt.text,
-                "output": result.texts[index],
-                "prompt_tokens": len(result.prompt_ids[row.prompt_index]),
-                "new_tokens": len(output.token_ids[index]),
-                "finished_by_stop": bool(output.finished_by_stop[index]) if output.finished_by_stop else None,
-                "mean_logprob": _mean(logprobs),
-                "mean_entropy": _mean(entropies),
-                "token_ids": output.token_ids[index],
-            }
-        )
-    return records
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+    outputs: dict[str, GenerationOutput] = {}
+    for role, active in decoders.items():
+        label = spec.decoder["name"] if role == "decoder" else "AR baseline"
+        bar = progress_factory(len(rows), label) if progress_factory else None
+        tick = time.perf_counter()
+        outputs[role] = generate_rows(active, model, prompt_ids, rows, spec, bar.update if bar else None)
+        timings[f"{role}_wall_seconds"] = time.perf_counter() - tick
+        if bar:
+            bar.close()
+    return outputs

@@ -142,7 +142,7 @@ def compare(
     """Compare the jobs of two runs by config hash.
 
     ``previous`` and ``current`` map config hashes to ``{"run_name": str, "metrics": {name: value}}``
-    (`rtdlm_experiments.tracking.finished_jobs`). A metric is compared when it has a tolerance and
+    (`rtdlm_experiments.tracking.finished_child_runs`). A metric is compared when it has a tolerance and
     either job has it.
     """
     rows = []

@@ -1,4 +1,10 @@
-"""Prompt sets: the ones bundled with the package (``prompts/<name>.jsonl``) or a user's .txt/.jsonl file."""
+"""Prompt sets: the ones bundled with the package (``prompts/<name>.jsonl``), the HumanEval problems, or a
+user's .txt/.jsonl file.
+
+A ``.jsonl`` line is ``{"text": ..., "category": ..., "answer": ...}`` with only ``text`` required;
+``answer`` (a string or a list of acceptable strings) is the reference for short-answer scoring
+(`rtdlm_experiments.tasks.answers`).
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,23 @@ from pathlib import Path
 from typing import Any
 
 from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.tasks import humaneval
 
 FILE_SOURCE = "file"
 """``prompts.name`` value that reads ``prompts.path`` instead of a bundled set."""
+HUMANEVAL_SOURCE = "humaneval"
+"""``prompts.name`` value for the 164 HumanEval problems (asked as a chat turn or continued raw, following
+``prompts.chat_template``)."""
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
     category: str = ""
+    answer: str | tuple[str, ...] | None = None
+    """Reference answer(s) for short-answer scoring; None when the prompt has none."""
+    task_id: str = ""
+    """The task the prompt poses (e.g. ``HumanEval/0``), for scoring that needs more than the text."""
 
 
 def bundled_sets() -> list[str]:
@@ -36,21 +50,32 @@ def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
         raise ConfigError(f"prompts.limit={limit} is invalid: must be >= 1, or null for all prompts")
     if name == FILE_SOURCE:
         prompts = read_prompt_file(cfg.get("path"))
+    elif name == HUMANEVAL_SOURCE:
+        prompts = humaneval_prompts(chat_template=bool(cfg.get("chat_template", True)))
     elif name in bundled_sets():
         bundled = resources.files("rtdlm_experiments") / "prompts" / f"{name}.jsonl"
         prompts = _parse_jsonl(bundled.read_text(encoding="utf-8"), source=f"bundled set {name!r}")
     else:
         raise ConfigError(
-            f"prompts.name={name!r} is invalid: must be a bundled set {bundled_sets()} or {FILE_SOURCE!r}"
+            f"prompts.name={name!r} is invalid: must be a bundled set {bundled_sets()},"
+            f" {HUMANEVAL_SOURCE!r} or {FILE_SOURCE!r}"
         )
     if not prompts:
         raise ConfigError(f"prompts: {name if name != FILE_SOURCE else cfg.get('path')} holds no prompts")
     return prompts[:limit]
 
 
+def humaneval_prompts(chat_template: bool) -> list[Prompt]:
+    """The HumanEval problems in order, as a user turn (``chat_template``) or the raw prompt to continue."""
+    return [
+        Prompt(humaneval.prompt_text(problem, chat_template), "code", task_id=problem.task_id)
+        for problem in humaneval.load_problems()
+    ]
+
+
 def read_prompt_file(path: str | None) -> list[Prompt]:
-    """Prompts from a ``.jsonl`` file (``text`` + optional ``category`` per line) or any other text file
-    (one prompt per non-empty line)."""
+    """Prompts from a ``.jsonl`` file (``text`` + optional ``category`` and ``answer`` per line) or any
+    other text file (one prompt per non-empty line)."""
     if not path:
         raise ConfigError("prompts.path is missing: prompts=file needs prompts.path=<file.txt|file.jsonl>")
     file = Path(path).expanduser()
@@ -62,6 +87,19 @@ def read_prompt_file(path: str | None) -> list[Prompt]:
     return [Prompt(line.strip()) for line in content.splitlines() if line.strip()]
 
 
+def _parse_answer(value: Any) -> str | tuple[str, ...] | None:
+    """``answer`` as stored in a Prompt: a string, a tuple of strings, or None.
+
+    >>> _parse_answer(["Paris", "paris, France"]), _parse_answer("4"), _parse_answer(None)
+    (('Paris', 'paris, France'), '4', None)
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    raise TypeError(f"'answer' must be a string or a non-empty list of strings, not {value!r}")
+
+
 def _parse_jsonl(content: str, source: str) -> list[Prompt]:
     prompts = []
     for line_number, line in enumerate(content.splitlines(), start=1):
@@ -69,10 +107,18 @@ def _parse_jsonl(content: str, source: str) -> list[Prompt]:
             continue
         try:
             record = json.loads(line)
-            prompts.append(Prompt(str(record["text"]), str(record.get("category", ""))))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            prompts.append(
+                Prompt(
+                    str(record["text"]),
+                    str(record.get("category", "")),
+                    _parse_answer(record.get("answer")),
+                    str(record.get("task_id", "")),
+                )
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(
                 f"prompts: line {line_number} of {source} is invalid: need a JSON object with a 'text' field"
+                f" and optional 'category', 'answer' (string or list of strings), 'task_id'"
                 f" ({type(err).__name__}: {err})"
             ) from err
     return prompts

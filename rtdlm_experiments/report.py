@@ -5,7 +5,7 @@
     python -m rtdlm_experiments.report --experiment my-exp --sort-by distinct_2
 
 Writes ``report.csv``, ``report.md`` and ``report.png`` and prints the Markdown table. The same table and
-plot are attached to every sweep's parent run by `rtdlm_experiments.tracking`.
+plot are written for every sweep (`summarize_sweep`) and attached to its parent run.
 """
 
 from __future__ import annotations
@@ -18,23 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from rtdlm_experiments import tracking
+from rtdlm_experiments.results import (
+    JOB_TAG,
+    KEY_METRICS,
+    SUMMARY_STEM,
+    flatten_config,
+    job_dirs,
+    load_job,
+)
+from rtdlm_experiments.schema import output_root
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
-
-KEY_METRICS = (
-    "distinct_2",
-    "self_bleu_4",
-    "seq_rep_4",
-    "rep_w16",
-    "loop_rate",
-    "perplexity",
-    "mean_entropy",
-    "tokens_per_second",
-    "speedup",
-    "acceptance_rate",
-)
-"""Metrics shown side by side (those a run does not have are left out)."""
 
 CONFIG_COLUMNS = {
     "model": "params.model.name",
@@ -42,9 +39,6 @@ CONFIG_COLUMNS = {
     "decoder": "params.decoder.name",
 }
 """Report column → run column describing the job."""
-
-JOB_TAG = "rtdlm.job"
-"""Tag set on every job run (not on sweep parents), so reports can tell them apart."""
 
 
 def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
@@ -67,8 +61,6 @@ def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """Saved job records (``results.json``) in the layout of `runs_frame`, so a sweep's summary can be
     built from disk, with or without a tracking server."""
-    from rtdlm_experiments.app import flatten_config
-
     rows = []
     for record in records:
         row: dict[str, Any] = {
@@ -89,14 +81,7 @@ def search_job_runs(
     filters = [f"tags.`{JOB_TAG}` = 'true'"]
     if parent_run_id:
         filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    runs = []
-    page_token = None
-    while True:
-        page = client.search_runs([experiment_id], " and ".join(filters), page_token=page_token)
-        runs.extend(page)
-        page_token = page.token
-        if not page_token:
-            return runs_frame(runs)
+    return runs_frame(tracking.search_runs(client, experiment_id, " and ".join(filters)))
 
 
 def summary_table(runs: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
@@ -198,10 +183,16 @@ def write_report(table: pd.DataFrame, out_dir: Path, stem: str = "report") -> di
     return paths
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from rtdlm_experiments.schema import output_root
-    from rtdlm_experiments.tracking import mlflow_client, resolve_tracking_uri
+def summarize_sweep(sweep_dir: Path) -> dict[str, Path]:
+    """Summary table (CSV, Markdown) and plot of every job of the sweep, from the saved records, written
+    to the sweep folder; returns their paths (empty when no job saved a record)."""
+    records = [load_job(job_dir)[0] for job_dir in job_dirs(sweep_dir)]
+    if not records:
+        return {}
+    return write_report(summary_table(records_frame(records)), sweep_dir, stem=SUMMARY_STEM)
 
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m rtdlm_experiments.report", description=__doc__.split("\n")[0]
     )
@@ -212,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default: <output root>/reports/<name>)")
     args = parser.parse_args(argv)
 
-    client = mlflow_client(resolve_tracking_uri(args.uri))
+    client = tracking.mlflow_client(tracking.resolve_tracking_uri(args.uri))
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         parser.exit(1, f"error: no MLflow experiment named {args.experiment!r} at {client.tracking_uri}\n")

@@ -166,7 +166,7 @@ def find_baseline(
     for run in runs:
         if run.info.run_id == parent.info.run_id or run.info.start_time >= parent.info.start_time:
             continue
-        jobs = tracking.finished_jobs(client, run)
+        jobs = tracking.finished_child_runs(client, run)
         if jobs.keys() & config_hashes:
             return run, jobs
     return None
@@ -178,7 +178,7 @@ def check_drift(
     """Compare the sweep's finished jobs with the baseline's, attach the comparison to the parent run
     and print the drifted metrics; returns whether something drifted."""
     parent = client.get_run(parent_run_id)
-    current = tracking.finished_jobs(client, parent)
+    current = tracking.finished_child_runs(client, parent)
     baseline = find_baseline(client, parent, sweep, set(current)) if current else None
     if baseline is None:
         tracking.attach_files(client, parent_run_id, [], {DRIFT_TAG: "no_baseline"})
@@ -219,6 +219,19 @@ def check_drift(
 # --- main ---------------------------------------------------------------------------------------------
 
 
+class _Stop(Exception):
+    """Ends `schedule` early with an exit code (its message, if any, already printed)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _fail(code: int, message: str) -> _Stop:
+    print(f"error: {message}", file=sys.stderr)
+    return _Stop(code)
+
+
 def schedule(
     sweep: str,
     key: str,
@@ -233,65 +246,15 @@ def schedule(
     Must be called holding the schedule lock (``lock_fd``): the check for an existing key and the run
     that follows are then atomic with respect to other scheduled sweeps.
     """
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
-        cfg = compose_sweep(sweep, overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
-        print(f"error: sweep={sweep} {' '.join(overrides)}: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    if cfg.hydra.mode is None or cfg.hydra.mode.name != "MULTIRUN":
-        print(
-            f"error: sweep={sweep} is not a sweep preset (it sets no hydra.mode: MULTIRUN)", file=sys.stderr
-        )
-        return EXIT_USAGE
-    if cfg.tracking.backend != "mlflow":
-        print(
-            "error: scheduling needs tracking=mlflow (keys, resume state and baselines live there)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
-    try:
-        client = tracking.mlflow_client(uri)
-        experiment_id = tracking.ensure_experiment(client, cfg.experiment_name)
-    except tracking.TrackingUnavailable as err:
-        print(f"error: {err}; sweep={sweep} key={key} not started", file=sys.stderr)
-        return EXIT_FAILED
-
-    host = socket.gethostname()
-    earlier = tracking.search_runs_by_tag(client, experiment_id, {KEY_TAG: key}, max_results=1)
-    parent = earlier[0] if earlier and not force else None
-    if parent is not None and parent.info.status == "FINISHED":
-        _say(
-            f"key {key} already FINISHED as run {parent.info.run_id} at {uri}: nothing to do "
-            "(--force reruns it)"
-        )
+        cfg = compose_scheduled_sweep(sweep, overrides)
+        uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
+        client, experiment_id = _open_store(uri, cfg.experiment_name, f"sweep={sweep} key={key} not started")
+        parent_run_id = parent_run_for_key(client, experiment_id, sweep, key, overrides, uri, force)
+    except _Stop as stop:
+        return stop.code
+    if parent_run_id is None:
         return EXIT_OK
-    if parent is not None and parent.info.status == "RUNNING" and parent.data.tags.get(HOST_TAG) != host:
-        print(
-            f"error: key {key} is RUNNING as run {parent.info.run_id} on {parent.data.tags.get(HOST_TAG)}; "
-            "not starting it here too (--force starts a new run)",
-            file=sys.stderr,
-        )
-        return EXIT_LOCKED
-    if parent is not None:
-        # FAILED, KILLED, or RUNNING on this host although we hold the lock: its scheduler died.
-        parent_run_id = parent.info.run_id
-        client.set_tag(parent_run_id, HOST_TAG, host)
-        _say(
-            f"key {key}: resuming run {parent_run_id} ({parent.info.status}); its FINISHED jobs are not rerun"
-        )
-    else:
-        tags = {
-            KEY_TAG: key,
-            SWEEP_TAG: sweep,
-            HOST_TAG: host,
-            "rtdlm.schedule.overrides": " ".join(overrides),
-        }
-        parent_run_id = tracking.start_sweep(client, experiment_id, key, tags)
-        _say(f"key {key}: running sweep={sweep} as run {parent_run_id} at {uri}")
 
     code = run_sweep(sweep_command(sweep, overrides, parent_run_id), lock_fd)
     if tracking.end_if_running(client, parent_run_id):
@@ -304,6 +267,77 @@ def schedule(
         return EXIT_FAILED
     _say(f"sweep={sweep} key={key} done: run {parent_run_id} {status}")
     return EXIT_DRIFT if drifted and fail_on_drift else EXIT_OK
+
+
+def compose_scheduled_sweep(sweep: str, overrides: Sequence[str]) -> DictConfig:
+    """`compose_sweep`, checked to be a tracked multirun; raises `_Stop` with a usage error otherwise."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose_sweep(sweep, overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        raise _fail(EXIT_USAGE, f"sweep={sweep} {' '.join(overrides)}: {err}") from None
+    if cfg.hydra.mode is None or cfg.hydra.mode.name != "MULTIRUN":
+        raise _fail(EXIT_USAGE, f"sweep={sweep} is not a sweep preset (it sets no hydra.mode: MULTIRUN)")
+    if cfg.tracking.backend != "mlflow":
+        raise _fail(
+            EXIT_USAGE, "scheduling needs tracking=mlflow (keys, resume state and baselines live there)"
+        )
+    return cfg
+
+
+def _open_store(uri: str, experiment_name: str, consequence: str) -> tuple[MlflowClient, str]:
+    try:
+        client = tracking.mlflow_client(uri)
+        return client, tracking.ensure_experiment(client, experiment_name)
+    except tracking.TrackingUnavailable as err:
+        raise _fail(EXIT_FAILED, f"{err}; {consequence}") from None
+
+
+def parent_run_for_key(
+    client: MlflowClient,
+    experiment_id: str,
+    sweep: str,
+    key: str,
+    overrides: Sequence[str],
+    uri: str,
+    force: bool,
+) -> str | None:
+    """The parent run this attempt logs under: the key's earlier one when it did not finish (resumed),
+    else a new one; None when the key already FINISHED. Raises `_Stop` when the key runs elsewhere."""
+    host = socket.gethostname()
+    earlier = tracking.search_runs_by_tag(client, experiment_id, {KEY_TAG: key}, max_results=1)
+    parent = earlier[0] if earlier and not force else None
+    if parent is None:
+        tags = {
+            KEY_TAG: key,
+            SWEEP_TAG: sweep,
+            HOST_TAG: host,
+            "rtdlm.schedule.overrides": " ".join(overrides),
+        }
+        parent_run_id = tracking.start_sweep(client, experiment_id, key, tags)
+        _say(f"key {key}: running sweep={sweep} as run {parent_run_id} at {uri}")
+        return parent_run_id
+    if parent.info.status == "FINISHED":
+        _say(
+            f"key {key} already FINISHED as run {parent.info.run_id} at {uri}: nothing to do "
+            "(--force reruns it)"
+        )
+        return None
+    if parent.info.status == "RUNNING" and parent.data.tags.get(HOST_TAG) != host:
+        raise _fail(
+            EXIT_LOCKED,
+            f"key {key} is RUNNING as run {parent.info.run_id} on {parent.data.tags.get(HOST_TAG)}; "
+            "not starting it here too (--force starts a new run)",
+        )
+    # FAILED, KILLED, or RUNNING on this host although we hold the lock: its scheduler died.
+    client.set_tag(parent.info.run_id, HOST_TAG, host)
+    _say(
+        f"key {key}: resuming run {parent.info.run_id} ({parent.info.status}); "
+        "its FINISHED jobs are not rerun"
+    )
+    return parent.info.run_id
 
 
 def _parser() -> argparse.ArgumentParser:

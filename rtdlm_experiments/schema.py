@@ -3,7 +3,7 @@
 The dataclasses are registered in Hydra's ConfigStore so a misspelled key or a value of the wrong type
 fails when the config is composed, before any model loads. They check types only: value ranges are
 checked by the objects the app builds from them (`sampling.SamplingConfig`, the model registry, the
-decoder factory), so each rule lives in one place.
+app's decoder checks), so each rule lives in one place.
 """
 
 from __future__ import annotations
@@ -80,8 +80,16 @@ class SamplingSchema:
 
 @dataclass
 class DecoderSchema:
-    """Which decoder generates the tokens; each decoder's yaml extends one of the subclasses below."""
+    """Which decoder generates the tokens; each decoder's yaml extends one of the subclasses below.
 
+    The app builds it with ``hydra.utils.instantiate``: ``_target_`` is the decoder class, the other
+    fields but ``name`` (a label) are its keyword arguments. ``_partial_: true`` makes a partial that the
+    app completes with what needs the loaded target model (a ``draft_model`` config name becomes the
+    loaded draft model; an ``exit_layer`` is checked against the target's layers).
+    """
+
+    _target_: str = MISSING
+    _partial_: bool = False
     name: str = MISSING
 
 

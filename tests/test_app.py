@@ -1,5 +1,5 @@
 """The Hydra app: every config composes and validates, bad input fails fast in one line, jobs are
-reproducible whatever the batching, and the decoder factory maps configs to decoders."""
+reproducible whatever the batching, and decoder configs instantiate their decoders."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app
+from rtdlm_experiments import app, results
 from rtdlm_experiments.prompt_sets import Prompt, bundled_sets, load_prompts
 from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling import PRESETS
@@ -262,8 +262,16 @@ def test_merge_outputs_concatenates_rows_and_adds_totals():
 def test_config_hash_ignores_where_results_are_logged():
     config = {"model": {"name": "m"}, "seed": 1, "tracking": {"uri": "a"}, "experiment_name": "x"}
     same = {**config, "tracking": {"uri": "b"}, "experiment_name": "y"}
-    assert app.config_hash(config) == app.config_hash(same)
-    assert app.config_hash(config) != app.config_hash({**config, "seed": 2})
+    assert results.config_hash(config) == results.config_hash(same)
+    assert results.config_hash(config) != results.config_hash({**config, "seed": 2})
+
+
+def test_config_hash_is_that_of_the_decoder_config_before_it_had_a_target():
+    """Jobs logged before decoder yamls carried ``_target_`` keep their hash (resume, drift baselines)."""
+    before = {"seed": 0, "decoder": {"name": "speculative", "draft_model": "m", "num_draft_tokens": 4}}
+    after = {**before, "decoder": {**before["decoder"], "_target_": "sampling.decoding.SpeculativeDecoder"}}
+    after["decoder"]["_partial_"] = True
+    assert results.config_hash(after) == results.config_hash(before)
 
 
 # --- decoder factory ----------------------------------------------------------------------------------
@@ -286,6 +294,20 @@ class FakeModel:
         self.tokenizer = FakeTokenizer(probe_ids)
 
 
+def decoder_config(*overrides: str) -> dict[str, Any]:
+    """The ``decoder`` node of the composed config, as the app gets it."""
+    return OmegaConf.to_container(compose_config("model=tiny-random", *overrides).decoder, resolve=True)
+
+
+def test_every_decoder_yaml_names_its_class_in_sampling_decoding():
+    from sampling import decoding
+
+    for path in sorted((CONF / "decoder").glob("*.yaml")):
+        cfg = decoder_config(f"decoder={path.stem}")
+        module, _, class_name = cfg["_target_"].rpartition(".")
+        assert module == "sampling.decoding" and hasattr(decoding, class_name), path.name
+
+
 def test_build_decoder_maps_each_config_to_its_decoder():
     from sampling import decoding
 
@@ -296,9 +318,15 @@ def test_build_decoder_maps_each_config_to_its_decoder():
         loaded.append((name, placement))
         return FakeModel([1, 2, 3])
 
-    assert isinstance(app.build_decoder({"name": "autoregressive"}, target), decoding.AutoregressiveDecoder)
+    autoregressive = app.build_decoder(decoder_config("decoder=autoregressive"), target)
+    assert isinstance(autoregressive, decoding.AutoregressiveDecoder)
     speculative = app.build_decoder(
-        {"name": "speculative", "draft_model": "tiny-random", "num_draft_tokens": 3, "adaptive": True},
+        decoder_config(
+            "decoder=speculative",
+            "decoder.draft_model=tiny-random",
+            "decoder.num_draft_tokens=3",
+            "decoder.adaptive=true",
+        ),
         target,
         load,
     )
@@ -306,31 +334,57 @@ def test_build_decoder_maps_each_config_to_its_decoder():
     assert (speculative.num_draft_tokens, speculative.adaptive) == (3, True)
     assert loaded == [("tiny-random", {"device": "cpu", "dtype": "float32"})]
     self_speculative = app.build_decoder(
-        {"name": "self_speculative", "exit_layer": 2, "num_draft_tokens": 5}, target
+        decoder_config("decoder=self_speculative", "decoder.exit_layer=2", "decoder.num_draft_tokens=5"),
+        target,
     )
     assert isinstance(self_speculative, decoding.SelfSpeculativeDecoder)
     assert (self_speculative.exit_layer, self_speculative.num_draft_tokens) == (2, 5)
-    lookup = app.build_decoder({"name": "prompt_lookup", "max_ngram": 2, "num_draft_tokens": 6}, target)
+    lookup = app.build_decoder(
+        decoder_config("decoder=prompt_lookup", "decoder.max_ngram=2", "decoder.num_draft_tokens=6"), target
+    )
     assert isinstance(lookup, decoding.PromptLookupDecoder)
     assert (lookup.max_ngram, lookup.num_draft_tokens) == (2, 6)
 
 
 def test_build_decoder_rejects_what_cannot_work():
     target = FakeModel([1, 2, 3], num_layers=4)
+    speculative = decoder_config("decoder=speculative", "decoder.draft_model=tiny-random")
     with pytest.raises(ConfigError, match="draft_model='tiny-random' is invalid: its tokenizer differs"):
-        app.build_decoder(
-            {"name": "speculative", "draft_model": "tiny-random", "num_draft_tokens": 4, "adaptive": False},
-            target,
-            lambda name, **_: FakeModel([1, 2, 4]),
-        )
+        app.build_decoder(speculative, target, lambda name, **_: FakeModel([1, 2, 4]))
     with pytest.raises(ConfigError, match="exit_layer=4 is invalid: must be < the model's 4 layers"):
-        app.build_decoder({"name": "self_speculative", "exit_layer": 4, "num_draft_tokens": 4}, target)
-    with pytest.raises(ConfigError, match="num_draft_tokens=0 is invalid"):
-        app.build_decoder({"name": "prompt_lookup", "max_ngram": 3, "num_draft_tokens": 0}, target)
+        app.build_decoder(decoder_config("decoder=self_speculative", "decoder.exit_layer=4"), target)
+    with pytest.raises(ConfigError, match="num_draft_tokens=0 is invalid: must be >= 1"):
+        app.build_decoder(decoder_config("decoder=prompt_lookup", "decoder.num_draft_tokens=0"), target)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("decoder=speculative", "decoder.num_draft_tokens=0"),
+            "decoder.num_draft_tokens=0 is invalid: must be >= 1",
+        ),
+        (
+            ("decoder=self_speculative", "decoder.exit_layer=0"),
+            "decoder.exit_layer=0 is invalid: must be >= 1",
+        ),
+        (("decoder=prompt_lookup", "decoder.max_ngram=0"), "decoder.max_ngram=0 is invalid: must be >= 1"),
+        (("decoder=speculative", "decoder.draft_model=gpt-9"), "decoder.draft_model"),
+        (
+            ("decoder._target_=sampling.decoding.NoSuchDecoder",),
+            "decoder._target_='sampling.decoding.NoSuchDecoder' is invalid",
+        ),
+    ],
+)
+def test_prepare_job_rejects_a_bad_decoder_config_before_loading_a_model(overrides, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)) as caught:
+        app.prepare_job(compose_config("model=tiny-random", *overrides))
+    assert "\n" not in str(caught.value)
 
 
 def test_speculative_job_is_timed_against_the_autoregressive_baseline():
-    spec = tiny_spec(decoder={"name": "prompt_lookup", "max_ngram": 2, "num_draft_tokens": 3}, batch_size=2)
+    lookup = decoder_config("decoder=prompt_lookup", "decoder.max_ngram=2", "decoder.num_draft_tokens=3")
+    spec = tiny_spec(decoder=lookup, batch_size=2)
     result = app.run_job(spec)
     assert result.baseline is not None
     assert result.metrics["speedup"] == pytest.approx(

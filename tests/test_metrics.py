@@ -30,6 +30,7 @@ from rtdlm_experiments.metrics import (
     zipf_coefficient,
     zipf_coefficient_from_counts,
 )
+from rtdlm_experiments.tasks.answers import answer_metrics, contains_answer, exact_match
 from sampling.decoding.base import GenerationOutput
 
 GENERATION_KEYS = {
@@ -388,3 +389,37 @@ def test_metric_pass_over_64_generations_of_128_tokens_is_fast() -> None:
         timings.append(time.perf_counter() - start)
     print(f"metric pass over 64 x 128 tokens: best {min(timings):.3f} s")
     assert min(timings) < 1.0
+
+
+# -- short-answer scoring (rtdlm_experiments.tasks.answers) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("generation", "answer", "exact", "contains"),
+    [
+        ("Paris", "Paris", 1.0, 1.0),
+        ("  PARIS!! ", "paris", 1.0, 1.0),
+        ("The answer is Paris.", "Paris", 0.0, 1.0),
+        ("The answer is Paris.", ["Lyon", "Paris"], 0.0, 1.0),
+        ("Comparisons", "paris", 0.0, 0.0),
+        ("Rayleigh-scattering", "Rayleigh scattering", 1.0, 1.0),
+        ("forty two", ["42", "forty-two"], 1.0, 1.0),
+        ("", "Paris", 0.0, 0.0),
+        ("anything", ["", "  "], 0.0, 0.0),
+    ],
+)
+def test_exact_match_and_contains_answer_normalise_case_space_and_punctuation(
+    generation, answer, exact, contains
+):
+    assert exact_match(generation, answer) == exact
+    assert contains_answer(generation, answer) == contains
+
+
+def test_answer_metrics_average_only_prompts_with_answers():
+    metrics = answer_metrics(
+        ["Paris", "I think Lyon", "a story", "Berlin"], ["paris", "Lyon", None, ("Rome",)]
+    )
+    assert metrics == {"exact_match": pytest.approx(1 / 3), "contains_answer": pytest.approx(2 / 3)}
+    assert answer_metrics(["a story"], [None]) == {}
+    with pytest.raises(ValueError, match="2 generations but 1 answers"):
+        answer_metrics(["a", "b"], ["a"])

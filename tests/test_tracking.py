@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from rtdlm_experiments import report, tracking
+from rtdlm_experiments import report, sync
 
 # --- helpers ------------------------------------------------------------------------------------------
 
@@ -223,8 +223,15 @@ def test_unreachable_server_keeps_results_on_disk_and_sync_uploads_them(
     assert time.monotonic() - started < 60  # no minutes of HTTP retries
 
     target = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
-    assert tracking.main(["sync", str(tmp_path / "outputs"), "--uri", target]) == 0
-    assert tracking.main(["sync", str(tmp_path / "outputs"), "--uri", target]) == 0  # nothing twice
+    synced = launch_app(  # the command the warning names
+        ["sync", str(tmp_path / "outputs"), "--uri", target],
+        tmp_path / "cwd",
+        tmp_path / "outputs",
+        module="rtdlm_experiments.tracking",
+    )
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert "1 job(s) uploaded" in synced.stdout
+    assert sync.main(["sync", str(tmp_path / "outputs"), "--uri", target]) == 0  # nothing twice
     assert "nothing to upload" in capsys.readouterr().out
     client = MlflowClient(target)
     (run,) = client.search_runs([client.get_experiment_by_name("rtdlm-experiments").experiment_id])
@@ -247,10 +254,10 @@ def test_sync_recreates_a_sweeps_parent_and_children(launch_app, tiny_job, tmp_p
 
     target = f"sqlite:///{tmp_path / 'later' / 'mlflow.db'}"
     client = MlflowClient(target)
-    tracking.sync(sweep_dir / "0", target)  # one job first: it gets a parent of its own sweep
+    sync.sync(sweep_dir / "0", target)  # one job first: it gets a parent of its own sweep
     parent, children = sweep_runs(client)
     assert [child.data.tags["hydra.job_num"] for child in children] == ["0"]
-    tracking.sync(sweep_dir, target)  # then the rest joins the same parent, without duplicating job 0
+    sync.sync(sweep_dir, target)  # then the rest joins the same parent, without duplicating job 0
     assert sweep_runs(client)[0].info.run_id == parent.info.run_id
     parent, children = sweep_runs(client)
     assert [child.info.run_name for child in children] == ["sampling=balanced", "sampling=creative"]

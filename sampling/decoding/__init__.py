@@ -1,9 +1,17 @@
-"""Decoders: one file each, one shared
-`generate(model, prompt_ids, config, max_new_tokens, stop_ids, row_seeds)`."""
+"""Decoders: one file each, one shared `generate(model, prompt_ids, config, max_new_tokens, stop_ids,
+row_seeds, *, stop_strings, ignore_eos, max_batch_size, progress)` (see `base.Decoder`)."""
 
 from sampling.decoding.accounting import derive_rates, predicted_speedup
 from sampling.decoding.autoregressive import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, EarlyExitLM, GenerationOutput, left_pad, merge_outputs
+from sampling.decoding.base import (
+    CausalLM,
+    Decoder,
+    EarlyExitLM,
+    GenerationOutput,
+    Progress,
+    left_pad,
+    merge_outputs,
+)
 from sampling.decoding.draft_verify import DraftVerifyDecoder, verify_drafts
 from sampling.decoding.prompt_lookup import PromptLookupDecoder
 from sampling.decoding.self_speculative import SelfSpeculativeDecoder
@@ -16,6 +24,7 @@ __all__ = [
     "DraftVerifyDecoder",
     "EarlyExitLM",
     "GenerationOutput",
+    "Progress",
     "PromptLookupDecoder",
     "SelfSpeculativeDecoder",
     "SpeculativeDecoder",

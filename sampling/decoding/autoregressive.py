@@ -1,11 +1,18 @@
-"""Batched autoregressive decoding with a KV cache: one target forward per generated token."""
+"""Batched autoregressive decoding with a KV cache and refill (continuous) batching.
+
+One target forward per step draws one token for every row in flight. At most ``max_batch_size`` rows
+are in flight; when a row ends (stop id, EOS, stop string, or its ``max_new_tokens``) it leaves the batch
+and the next pending row is prefilled and takes its place (`slots` says how the cache is edited). A
+row's draws depend only on its logits, its seed and its own step (the number of tokens it has drawn),
+and penalties see only its own tokens, so every row gets exactly the tokens it would get alone.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -13,41 +20,114 @@ from sampling.config import SamplingConfig
 from sampling.decoding.base import (
     CausalLM,
     GenerationOutput,
+    Progress,
     fit_prompts,
-    left_pad,
     resolve_row_seeds,
     stop_set,
 )
+from sampling.decoding.slots import SlotBatch, prefill_slots
+from sampling.decoding.stopping import StopStrings, StopStringTracker
 from sampling.sampler import SampleOutput, TokenSampler
-
-PAD = -1
 
 
 @dataclass
-class _Batch:
-    """One `generate` call's state: ``history`` [B, W + N] holds the left-padded prompts then the kept
-    new tokens (``PAD`` elsewhere); ``attention_mask`` covers what the cache holds plus the next input."""
+class _Call:
+    """One `generate` call's state: the queue of rows not started yet, and the output being filled."""
 
     model: CausalLM
+    prompts: list[list[int]]
     sampler: TokenSampler
-    history: torch.Tensor
-    prompt_width: int
-    attention_mask: torch.Tensor
     seeds: torch.Tensor
-    stops: torch.Tensor
-    cache: Any
-    finished: torch.Tensor
-    stopped: torch.Tensor
-    steps: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
-    sampler_seconds: float = 0.0
+    stops: frozenset[int]
+    stop_strings: StopStringTracker | None
+    max_new_tokens: int
+    max_batch_size: int
+    keep_stop_token: bool
+    progress: Progress | None
+    out: GenerationOutput
+    pending: deque[int] = field(default_factory=deque)
+
+    def admit(
+        self, slots: SlotBatch | None, logits: torch.Tensor | None
+    ) -> tuple[SlotBatch | None, torch.Tensor | None]:
+        """Prefill as many pending rows as there is room for and add them (and their logits) to the batch."""
+        if slots is not None and slots.done:
+            slots = logits = None
+        room = self.max_batch_size if slots is None else slots.has_room(self.max_batch_size)
+        newcomers = [self.pending.popleft() for _ in range(min(room, len(self.pending)))]
+        if not newcomers:
+            return slots, logits
+        tick = time.perf_counter()
+        fresh, fresh_logits = prefill_slots(self.model, [self.prompts[r] for r in newcomers], newcomers)
+        self.out.prefill_seconds += time.perf_counter() - tick
+        self.out.target_forwards += 1
+        if slots is None:
+            return fresh, fresh_logits
+        slots.join(fresh)
+        return slots, torch.cat([logits, fresh_logits])
+
+    def sample(self, slots: SlotBatch, logits: torch.Tensor) -> SampleOutput:
+        """One draw per slot, keyed by its row's seed and its own step (tokens it has drawn so far)."""
+        tick = time.perf_counter()
+        sampled = self.sampler.sample(
+            logits,
+            slots.tokens,
+            row_seeds=self.seeds[slots.row_index],
+            step=slots.generated,
+            generated=slots.generated_part(),
+        )
+        self.out.sampler_seconds += time.perf_counter() - tick
+        self.out.sampler_calls += 1
+        return sampled
+
+    def record(self, slots: SlotBatch, sampled: SampleOutput) -> list[bool]:
+        """Append each live slot's token to its row; returns which slots ended (dead ones included) and
+        reports the step's new tokens and released budget to ``progress``."""
+        columns = (sampled.tokens, sampled.model_logprobs, sampled.entropy, sampled.num_kept)
+        tokens, logprobs, entropies, num_kept = (column.tolist() for column in columns)
+        ended, appended, released = [], 0, 0
+        for slot, row in enumerate(slots.rows):
+            if not slots.live[slot]:
+                ended.append(True)
+                continue
+            before = len(self.out.token_ids[row])
+            end = self._take(row, tokens[slot], (logprobs[slot], entropies[slot], num_kept[slot]))
+            after = len(self.out.token_ids[row])
+            appended += after - before
+            released += self.max_new_tokens - after if end else 0
+            ended.append(end)
+        if self.progress is not None:
+            self.progress(appended, released)
+        return ended
+
+    def _take(self, row: int, token: int, stats: tuple[float, float, int]) -> bool:
+        """Keep ``token`` for ``row`` (a stop id only if asked); True if the row ends with it."""
+        out = self.out
+        is_stop = token in self.stops
+        if not is_stop or self.keep_stop_token:
+            out.token_ids[row].append(token)
+            out.model_logprobs[row].append(stats[0])
+            out.entropies[row].append(stats[1])
+            out.num_kept[row].append(stats[2])
+        if not is_stop and self.stop_strings is not None:
+            is_stop = self.stop_strings.extend(row, [token]) is not None
+        out.finished_by_stop[row] = is_stop
+        return is_stop or len(out.token_ids[row]) >= self.max_new_tokens
+
+    def step(self, slots: SlotBatch, sampled: SampleOutput, ended: list[bool]) -> torch.Tensor | None:
+        """Retire the ended rows and feed the others their token: the next logits (None: nothing left)."""
+        kept = slots.leave(ended)
+        if slots.done or not slots.rows:
+            return None
+        tokens = sampled.tokens if kept is None else sampled.tokens[kept]
+        self.out.target_forwards += 1
+        return slots.advance(self.model, tokens)
 
 
 class AutoregressiveDecoder:
-    """Left-padded batch, KV cache, per-row stop, per-row seeds.
+    """Refill-batched autoregressive decoding: KV cache, per-row stops, seeds and steps.
 
-    Finished rows keep a slot in the batch (fed their stop token, results ignored) so the cache stays
-    rectangular; the repetition penalty sees only each row's real tokens (padding is ``-1`` in history).
-    The instance holds only settings; each call's state lives in its own `_Batch`.
+    The instance holds only settings; each call's state lives in its own `_Call` and `SlotBatch`.
     """
 
     def __init__(self, keep_stop_token: bool = False, truncate_prompts: bool = False) -> None:
@@ -62,108 +142,53 @@ class AutoregressiveDecoder:
         max_new_tokens: int,
         stop_ids: Sequence[int] = (),
         row_seeds: Sequence[int] | None = None,
+        *,
+        stop_strings: StopStrings | None = None,
+        ignore_eos: bool = False,
+        max_batch_size: int | None = None,
+        progress: Progress | None = None,
     ) -> GenerationOutput:
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1 (or None: all rows)")
         prompts = fit_prompts(model, prompt_ids, max_new_tokens, self.truncate_prompts)
-        batch = self._open(model, prompts, config, max_new_tokens, stop_ids, row_seeds)
-        start = time.perf_counter()
-        logits = self._prefill(batch)
-        prefill_seconds = time.perf_counter() - start
-        for step in range(max_new_tokens):
-            sampled = self._sample(batch, logits, step)
-            self._record(batch, sampled, step)
-            if bool(batch.finished.all()) or step == max_new_tokens - 1:
-                break
-            logits = self._step(batch, sampled.tokens)
-        return self._finish(batch, prefill_seconds, time.perf_counter() - start - prefill_seconds)
-
-    def _open(
-        self,
-        model: CausalLM,
-        prompts: list[list[int]],
-        config: SamplingConfig,
-        max_new_tokens: int,
-        stop_ids: Sequence[int],
-        row_seeds: Sequence[int] | None,
-    ) -> _Batch:
-        device = model.device
-        padded, attention_mask = left_pad(prompts, PAD, device)
-        rows, width = padded.shape
-        new = torch.full((rows, max_new_tokens), PAD, dtype=torch.long, device=device)
-        return _Batch(
+        rows = len(prompts)
+        call = _Call(
             model=model,
+            prompts=prompts,
             sampler=TokenSampler(config),
-            history=torch.cat([padded, new], dim=1),
-            prompt_width=width,
-            attention_mask=attention_mask,
-            seeds=resolve_row_seeds(config, rows, row_seeds).to(device),
-            stops=torch.tensor(sorted(stop_set(model, stop_ids)), dtype=torch.long, device=device),
-            cache=model.new_cache(),
-            finished=torch.zeros(rows, dtype=torch.bool, device=device),
-            stopped=torch.zeros(rows, dtype=torch.bool, device=device),
+            seeds=resolve_row_seeds(config, rows, row_seeds).to(model.device),
+            stops=stop_set(model, stop_ids, ignore_eos),
+            stop_strings=stop_strings.start(rows) if stop_strings is not None else None,
+            max_new_tokens=max_new_tokens,
+            max_batch_size=max_batch_size or rows,
+            keep_stop_token=self.keep_stop_token,
+            progress=progress,
+            out=_empty_output(rows),
+            pending=deque(range(rows)),
         )
-
-    @staticmethod
-    def _prefill(batch: _Batch) -> torch.Tensor:
-        """The prompts through the model: the logits [B, V] of the first new token."""
-        prompts = batch.history[:, : batch.prompt_width].clamp(min=0)
-        return batch.model.forward(prompts, batch.cache, batch.attention_mask, last_positions=1)[:, -1]
-
-    @staticmethod
-    def _sample(batch: _Batch, logits: torch.Tensor, step: int) -> SampleOutput:
-        tick = time.perf_counter()
-        end = batch.prompt_width + step
-        sampled = batch.sampler.sample(
-            logits,
-            batch.history[:, :end],
-            row_seeds=batch.seeds,
-            step=step,
-            generated=batch.history[:, batch.prompt_width : end],
-        )
-        batch.sampler_seconds += time.perf_counter() - tick
-        return sampled
-
-    def _record(self, batch: _Batch, sampled: SampleOutput, step: int) -> None:
-        """Keep each active row's token (a stop token only if asked) and end rows that drew a stop."""
-        is_stop = torch.isin(sampled.tokens, batch.stops) & ~batch.finished
-        keep = ~batch.finished & (~is_stop | self.keep_stop_token)
-        batch.history[:, batch.prompt_width + step] = torch.where(keep, sampled.tokens, PAD)
-        batch.steps.append((keep, sampled.model_logprobs, sampled.entropy, sampled.num_kept))
-        batch.stopped |= is_stop
-        batch.finished |= is_stop
-
-    @staticmethod
-    def _step(batch: _Batch, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed every row's last token (finished rows too: the cache stays rectangular)."""
-        mask = batch.attention_mask
-        batch.attention_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return batch.model.forward(tokens.unsqueeze(1), batch.cache, batch.attention_mask, last_positions=1)[
-            :, -1
-        ]
-
-    @staticmethod
-    def _finish(batch: _Batch, prefill_seconds: float, decode_seconds: float) -> GenerationOutput:
-        return GenerationOutput(
-            token_ids=[new[new >= 0].tolist() for new in batch.history[:, batch.prompt_width :]],
-            **_per_token_stats(batch.steps),
-            finished_by_stop=batch.stopped.tolist(),
-            prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds,
-            sampler_seconds=batch.sampler_seconds,
-            sampler_calls=len(batch.steps),
-            target_forwards=len(batch.steps),
-        )
+        start = time.perf_counter()
+        _run(call)
+        call.out.decode_seconds = time.perf_counter() - start - call.out.prefill_seconds
+        return call.out
 
 
-def _per_token_stats(steps: list[tuple[torch.Tensor, ...]]) -> dict[str, list[list]]:
-    """Turn per-step ``(kept_mask, model_logprob, entropy, num_kept)`` tensors into per-row lists."""
-    if not steps:
-        return {"model_logprobs": [], "entropies": [], "num_kept": []}
-    kept, model_logprobs, entropies, num_kept = (
-        torch.stack(column, dim=1).cpu() for column in zip(*steps, strict=True)
+def _run(call: _Call) -> None:
+    """Admit, draw, record, retire, feed — until no row is pending or in flight."""
+    slots, logits = call.admit(None, None)
+    while slots is not None:
+        sampled = call.sample(slots, logits)
+        ended = call.record(slots, sampled)
+        logits = call.step(slots, sampled, ended)
+        if logits is None and not call.pending:
+            return
+        slots, logits = call.admit(slots if logits is not None else None, logits)
+
+
+def _empty_output(rows: int) -> GenerationOutput:
+    return GenerationOutput(
+        token_ids=[[] for _ in range(rows)],
+        model_logprobs=[[] for _ in range(rows)],
+        entropies=[[] for _ in range(rows)],
+        num_kept=[[] for _ in range(rows)],
+        finished_by_stop=[False] * rows,
     )
-    rows = range(kept.shape[0])
-    return {
-        "model_logprobs": [model_logprobs[r][kept[r]].tolist() for r in rows],
-        "entropies": [entropies[r][kept[r]].tolist() for r in rows],
-        "num_kept": [num_kept[r][kept[r]].tolist() for r in rows],
-    }

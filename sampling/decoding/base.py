@@ -10,7 +10,7 @@ rest, sharing the first E layers' cache).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,6 +18,12 @@ import torch
 
 from sampling.config import SamplingConfig
 from sampling.decoding.accounting import derive_rates
+from sampling.decoding.stopping import StopStrings
+
+Progress = Callable[[int, int], None]
+"""``progress(new_tokens, released_budget)``, called after every decoding step (or verify round): the tokens
+appended across rows in that step, and the budget (max_new_tokens − generated) released by rows that ended
+early in it. Over a call the two sum to rows × max_new_tokens."""
 
 
 @runtime_checkable
@@ -165,9 +171,13 @@ def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
 class Decoder(Protocol):
     """The one signature every decoder shares.
 
+    ``prompt_ids`` may hold a whole job's rows; output rows are in input order whatever the schedule.
     ``row_seeds`` (one per prompt) key each row's randomness, so a prompt's sample does not depend on
-    the batch it was put in (see `resolve_row_seeds`). Decoders keep no per-call state on the instance:
-    one instance may serve concurrent calls.
+    the batch it was put in (see `resolve_row_seeds`). A row ends at its first stop id or EOS (EOS not
+    with ``ignore_eos``), at the token completing one of ``stop_strings`` (kept; ``finished_by_stop``), or
+    after ``max_new_tokens`` tokens. ``max_batch_size`` bounds the rows in flight at once (None: all).
+    ``progress``: see `Progress`. Decoders keep no per-call state on the instance: one instance may
+    serve concurrent calls.
     """
 
     def generate(
@@ -178,12 +188,18 @@ class Decoder(Protocol):
         max_new_tokens: int,
         stop_ids: Sequence[int] = (),
         row_seeds: Sequence[int] | None = None,
+        *,
+        stop_strings: StopStrings | None = None,
+        ignore_eos: bool = False,
+        max_batch_size: int | None = None,
+        progress: Progress | None = None,
     ) -> GenerationOutput: ...
 
 
-def stop_set(model: CausalLM, stop_ids: Sequence[int]) -> frozenset[int]:
-    """Tokens that end a row: the caller's stop ids plus the model's EOS ids."""
-    return frozenset(int(t) for t in stop_ids) | frozenset(model.eos_token_ids)
+def stop_set(model: CausalLM, stop_ids: Sequence[int], ignore_eos: bool = False) -> frozenset[int]:
+    """Tokens that end a row: the caller's stop ids plus the model's EOS ids (unless ``ignore_eos``)."""
+    eos = () if ignore_eos else model.eos_token_ids
+    return frozenset(int(t) for t in stop_ids) | frozenset(eos)
 
 
 def resolve_row_seeds(config: SamplingConfig, num_rows: int, row_seeds: Sequence[int] | None) -> torch.Tensor:

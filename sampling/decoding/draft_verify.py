@@ -11,7 +11,7 @@ this is plain crop-based rollback.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +22,12 @@ from sampling.decoding.accounting import RoundTally
 from sampling.decoding.base import (
     CausalLM,
     GenerationOutput,
+    Progress,
     fit_prompts,
     left_pad,
     merge_outputs,
     resolve_row_seeds,
+    stop_set,
 )
 from sampling.decoding.rounds import HOLE, Drafts, DraftSession, RoundState, kept_prefix, no_drafts
 from sampling.decoding.speculation_policy import POLICIES, Policy, RoundReport, make_policy
@@ -118,8 +120,6 @@ def sample_from_probs(
     return ids.gather(1, noise.race_argmax(torch.log(values), keys, ids).unsqueeze(1)).squeeze(1)
 
 
-Progress = Callable[[int, int], None]
-
 
 @dataclass
 class _Call:
@@ -211,7 +211,7 @@ class DraftVerifyDecoder:
             model, prompt_ids, max_new_tokens + self.num_draft_tokens + 1, self.truncate_prompts
         )
         seeds = resolve_row_seeds(config, len(prompts), row_seeds)
-        stops = frozenset(int(t) for t in stop_ids) | frozenset(() if ignore_eos else model.eos_token_ids)
+        stops = stop_set(model, stop_ids, ignore_eos)
         policy = make_policy(self.policy, self.num_draft_tokens)
         size = max_batch_size or len(prompts)
         outputs = []

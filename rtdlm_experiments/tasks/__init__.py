@@ -1,0 +1,1 @@
+"""Task-scored evaluation: sandboxed code execution, HumanEval prompts and scoring, reference answers."""

@@ -1,0 +1,6 @@
+"""``python -m rtdlm_experiments.tracking sync <dir>``: the command line of `rtdlm_experiments.sync`."""
+
+from rtdlm_experiments.sync import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
