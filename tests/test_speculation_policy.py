@@ -184,3 +184,11 @@ def test_prompt_lookup_under_the_measured_policy_equals_autoregressive(tiny):
     )
     assert out.token_ids == AutoregressiveDecoder().generate(tiny, prompts, greedy, 25).token_ids
     assert out.stats["rounds"] >= 4 and out.stats["scoring_rounds_k1"] >= 2
+
+
+def test_a_round_without_drafts_found_is_timed_as_a_plain_step():
+    """Prompt lookup may find no draft for any row: the target then scored one token, not γ + 1."""
+    policy = MeasuredPolicy(gamma_max=4)
+    policy.observe(RoundReport(4, False, 0.0, 0.0, 0.001, 1.0, scored=0))
+    policy.observe(RoundReport(4, False, 0.0, 0.0, 0.001, 3.0, scored=2))
+    assert policy.verify_costs == {1: 1.0, 3: 3.0}

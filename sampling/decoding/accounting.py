@@ -179,10 +179,10 @@ class RoundTally:
         prediction: tuple[float, float, float] | None,
         emitted_per_row: float,
     ) -> None:
-        """One round's cost by tokens scored (k = γ + 1), whether the policy had switched speculation off,
-        and, when the policy predicted (tokens per row, round seconds, plain step seconds), the predicted
-        and the measured plain-decoding seconds saved."""
-        k = report.gamma + 1
+        """One round's cost by tokens scored (k = γ + 1 unless fewer drafts were found), whether the policy
+        had switched speculation off, and, when the policy predicted (tokens per row, round seconds, plain
+        step seconds), the predicted and the measured plain-decoding seconds saved."""
+        k = report.tokens_scored
         self.add(f"scoring_seconds_k{k}", report.verify_seconds)
         self.add(f"scoring_rounds_k{k}", 1)
         self.add("speculation_off_rounds", off)

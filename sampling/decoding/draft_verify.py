@@ -120,7 +120,6 @@ def sample_from_probs(
     return ids.gather(1, noise.race_argmax(torch.log(values), keys, ids).unsqueeze(1)).squeeze(1)
 
 
-
 @dataclass
 class _Call:
     """One batch's loop state: rows, drafting session, γ policy, stop rules and the output being filled."""
@@ -308,7 +307,8 @@ class DraftVerifyDecoder:
         self._advance(model, call, drafts, verdict, active)
         done = _clock(device)
         all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
-        report = RoundReport(gamma, all_passed, overlap, verified, drafted - start, done - drafted)
+        scored = drafts.tokens.shape[1]
+        report = RoundReport(gamma, all_passed, overlap, verified, drafted - start, done - drafted, scored)
         call.policy.observe(report)
         emitted_per_row = float((verdict.accepted + 1)[active].float().mean())
         tally.add("draft_seconds", report.draft_seconds)

@@ -95,8 +95,9 @@ def choose_gamma(
 @dataclass
 class RoundReport:
     """What a policy learns from one round: ``gamma`` offered, whether every active row accepted all its
-    drafts, the overlap Σ min(p, q) summed over the ``verified`` draft positions, and the round's seconds
-    spent drafting and in the rest (target scoring, sampling, bookkeeping)."""
+    drafts, the overlap Σ min(p, q) summed over the ``verified`` draft positions, the round's seconds
+    spent drafting and in the rest (target scoring, sampling, bookkeeping), and ``scored`` the draft
+    columns the target actually scored (fewer than γ when no row found γ drafts, e.g. prompt lookup)."""
 
     gamma: int
     all_passed: bool
@@ -104,6 +105,12 @@ class RoundReport:
     verified: float
     draft_seconds: float
     verify_seconds: float
+    scored: int | None = None
+
+    @property
+    def tokens_scored(self) -> int:
+        """k: the tokens the target scored (the pending token plus the draft columns)."""
+        return (self.gamma if self.scored is None else self.scored) + 1
 
 
 class ConstantPolicy:
@@ -213,7 +220,7 @@ class MeasuredPolicy:
         return expected_tokens(self.alpha, gamma), cost, interpolated_cost(costs, 1)
 
     def observe(self, report: RoundReport) -> None:
-        self.verify_seconds.setdefault(report.gamma + 1, []).append(report.verify_seconds)
+        self.verify_seconds.setdefault(report.tokens_scored, []).append(report.verify_seconds)
         self.draft_seconds += report.draft_seconds
         self.draft_tokens += report.gamma
         if report.verified:
