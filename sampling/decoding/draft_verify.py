@@ -255,6 +255,7 @@ class DraftVerifyDecoder:
             sampler=TokenSampler(config),
             target_cache=model.new_cache(),
         )
+        state.sampler_state = state.sampler.initial_state(batch, device)
         out = GenerationOutput(
             token_ids=[[] for _ in range(batch)],
             model_logprobs=[[] for _ in range(batch)],
@@ -296,10 +297,11 @@ class DraftVerifyDecoder:
         tick = time.perf_counter()
         probs = state.distributions(logits, drafts.tokens)
         verdict = verify_drafts(probs, drafts, state.seeds, state.emitted)
+        active = torch.tensor([not f for f in call.finished], device=device)
+        state.commit_state(logits, drafts.tokens, verdict.accepted, verdict.next_token, active)
         out.sampler_seconds += time.perf_counter() - tick
         out.sampler_calls += 1
 
-        active = torch.tensor([not f for f in call.finished], device=device)
         verified, overlap = tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active, gamma)
         new_tokens, released = self._emit(call, drafts, verdict, logits, probs)
         self._advance(model, call, drafts, verdict, active)

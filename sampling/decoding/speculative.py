@@ -38,11 +38,12 @@ class DraftModelSession(DraftSession):
         logits = self._forward(state.tokens[:, self.cached :], mask)
         state.draft_forwards += 1
         drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
-        probs = []
+        probs, sampler_state = [], state.sampler_state
         for i in range(gamma):
-            q = state.draft_distribution(logits, drafts[:, :i])
+            q = state.draft_distribution(logits, drafts[:, :i], sampler_state)
             drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
             probs.append(q)
+            sampler_state = state.advance_draft_state(sampler_state, logits, drafts[:, : i + 1])
             if i + 1 < gamma:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits = self._forward(drafts[:, i : i + 1], mask)
