@@ -38,7 +38,7 @@ predicted = time lost outside the forwards (sampling, cache cropping, Python); a
 why speculation loses. HF speedup = HF variant / HF plain. "= AR" (greedy only): our output equals our
 AR output on every prompt, as lossless decoding must.
 
-The default grid (fp32, T=0, code prompts; 2 prompts × 48 tokens; 3 repeats; both policies: 30 paths)
+The default grid (fp32, T=0, code prompts; 2 prompts × 48 tokens; 3 repeats; both policies: 28 paths)
 is an estimate of 45-75 minutes on 2 idle cores (not timed), half of it in the self-speculative paths
 (ours and HF's); `--exit-layers 14` alone cuts that by a third. Each further (preset, prompt kind) cell
 costs as much in fp32, and up to ~3× that in bf16 on CPUs without fast bf16 matmuls (bench_decode.py
