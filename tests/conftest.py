@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,6 +18,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 AppLauncher = Callable[..., subprocess.CompletedProcess]
+
+TEST_DEVICE = os.environ.get("RTDLM_TEST_DEVICE", "cpu")
+"""Where device-aware tests put models and tensors: ``RTDLM_TEST_DEVICE=cuda`` (benchmarks/gpu_check.sh)."""
+
+
+def pytest_report_header() -> str:
+    return f"rtdlm test device: {TEST_DEVICE}"
+
+
+@pytest.fixture(scope="session")
+def test_device() -> torch.device:
+    """The device named by ``RTDLM_TEST_DEVICE`` (default cpu); an unavailable CUDA device is an error,
+    not a silent fallback to the CPU."""
+    device = torch.device(TEST_DEVICE)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"RTDLM_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
+    return device
 
 
 def app_env(output_dir: Path, **extra: str) -> dict[str, str]:

@@ -78,13 +78,17 @@ class Gated:
 
 
 @pytest.fixture(scope="module")
-def target() -> HFCausalLM:
-    return HFCausalLM(build_tiny_random(num_layers=3, vocab_size=48, seed=1), eos_token_ids=())
+def target(test_device) -> HFCausalLM:
+    return HFCausalLM(
+        build_tiny_random(num_layers=3, vocab_size=48, seed=1).to(test_device), eos_token_ids=()
+    )
 
 
 @pytest.fixture(scope="module")
-def draft() -> HFCausalLM:
-    return HFCausalLM(build_tiny_random(num_layers=1, vocab_size=48, seed=2), eos_token_ids=())
+def draft(test_device) -> HFCausalLM:
+    return HFCausalLM(
+        build_tiny_random(num_layers=1, vocab_size=48, seed=2).to(test_device), eos_token_ids=()
+    )
 
 
 CALLS = {

@@ -23,6 +23,8 @@ from sampling.decoding import (
 from sampling.decoding.accounting import predicted_speedup
 from sampling.decoding.draft_verify import Drafts
 from sampling.decoding.prompt_lookup import lookup_draft
+from sampling.decoding.speculation_policy import HeuristicPolicy
+from sampling.decoding.stopping import StopStrings
 
 VOCAB = 16
 PROMPT = [3, 7, 3, 9]
@@ -31,10 +33,9 @@ LENGTH = 3
 
 
 @pytest.fixture(scope="module")
-def target() -> HFCausalLM:
-    return HFCausalLM(
-        build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1), eos_token_ids=()
-    )
+def target(test_device) -> HFCausalLM:
+    model = build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1).to(test_device)
+    return HFCausalLM(model, eos_token_ids=())
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,9 @@ def draft(target) -> HFCausalLM:
     model = copy.deepcopy(target.model)
     with torch.no_grad():
         model.lm_head.weight.add_(
-            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2))
+            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2)).to(
+                model.lm_head.weight.device
+            )
         )
     return HFCausalLM(model, eos_token_ids=())
 
@@ -67,8 +70,9 @@ def exact_joint(
         prefixes = list(joint)
         ids = torch.tensor([prompt + list(p) for p in prefixes])
         logits = model.forward(ids, model.new_cache())[:, -1]
+        ids = ids.to(logits.device)
         generated = ids[:, len(prompt) :]
-        probs = sampler.distribution(logits, ids, generated=generated).double().numpy()
+        probs = sampler.distribution(logits, ids, generated=generated).double().cpu().numpy()
         joint = {
             p + (t,): joint[p] * probs[i, t]
             for i, p in enumerate(prefixes)
@@ -101,11 +105,11 @@ CONFIGS = {
 }
 
 
-def decoders(draft: HFCausalLM, gamma: int = 2) -> dict[str, object]:
+def decoders(draft: HFCausalLM, gamma: int = 2, policy: str = "constant") -> dict[str, object]:
     return {
-        "speculative": SpeculativeDecoder(draft, num_draft_tokens=gamma),
-        "self_speculative": SelfSpeculativeDecoder(exit_layer=1, num_draft_tokens=gamma),
-        "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=gamma),
+        "speculative": SpeculativeDecoder(draft, num_draft_tokens=gamma, policy=policy),
+        "self_speculative": SelfSpeculativeDecoder(exit_layer=1, num_draft_tokens=gamma, policy=policy),
+        "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=gamma, policy=policy),
     }
 
 
@@ -168,27 +172,161 @@ def test_first_token_frequencies_on_the_guide_example():
 
 
 @pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
-def test_greedy_equals_greedy_autoregressive(decoder_name):
-    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1))
-    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2))
+def test_greedy_equals_greedy_autoregressive(decoder_name, test_device):
+    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1).to(test_device))
+    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2).to(test_device))
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
     greedy = get_preset("deterministic", repetition_penalty=1.3)
     for gamma in (1, 3, 5):
-        decoder = {**decoders(draft, gamma), "speculative": SpeculativeDecoder(draft, gamma, adaptive=True)}[
-            decoder_name
-        ]
-        for max_new in (1, 7, 20):
-            want = AutoregressiveDecoder().generate(target, prompts, greedy, max_new)
-            stop = want.token_ids[1][min(4, len(want.token_ids[1]) - 1)]
-            want_stopped = AutoregressiveDecoder().generate(target, prompts, greedy, max_new, stop_ids=[stop])
-            got = decoder.generate(target, prompts, greedy, max_new)
-            assert got.token_ids == want.token_ids
-            got_stopped = decoder.generate(target, prompts, greedy, max_new, stop_ids=[stop])
-            assert got_stopped.token_ids == want_stopped.token_ids
-            assert got_stopped.finished_by_stop == want_stopped.finished_by_stop
-            for row, tokens in enumerate(got.token_ids):
-                assert got.model_logprobs[row] == pytest.approx(want.model_logprobs[row], abs=1e-4)
-                assert len(got.entropies[row]) == len(tokens)
+        adaptive = SpeculativeDecoder(draft, gamma, adaptive=True)
+        measured = decoders(draft, gamma, policy="measured")
+        for decoder in (
+            {**decoders(draft, gamma), "speculative": adaptive}[decoder_name],
+            measured[decoder_name],
+        ):
+            check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
+
+
+def check_greedy_equals_autoregressive(decoder, target, prompts, greedy):
+    for max_new in (1, 7, 20):
+        want = AutoregressiveDecoder().generate(target, prompts, greedy, max_new)
+        stop = want.token_ids[1][min(4, len(want.token_ids[1]) - 1)]
+        want_stopped = AutoregressiveDecoder().generate(target, prompts, greedy, max_new, stop_ids=[stop])
+        got = decoder.generate(target, prompts, greedy, max_new)
+        assert got.token_ids == want.token_ids
+        got_stopped = decoder.generate(target, prompts, greedy, max_new, stop_ids=[stop])
+        assert got_stopped.token_ids == want_stopped.token_ids
+        assert got_stopped.finished_by_stop == want_stopped.finished_by_stop
+        for row, tokens in enumerate(got.token_ids):
+            assert got.model_logprobs[row] == pytest.approx(want.model_logprobs[row], abs=1e-4)
+            assert len(got.entropies[row]) == len(tokens)
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def letters(ids) -> str:
+    """A detokenizer for the tests: token t is one letter (several tokens share a letter)."""
+    return "".join(LETTERS[t % 26] for t in ids)
+
+
+def cut_at_stop_string(tokens: list[int], stops: StopStrings) -> tuple[list[int], bool]:
+    """The reference: feed an autoregressive output one token at a time, end at the completing token."""
+    tracker = stops.start(1)
+    for position, token in enumerate(tokens):
+        if tracker.extend(0, [token]) is not None:
+            return tokens[: position + 1], True
+    return tokens, False
+
+
+@pytest.fixture(scope="module")
+def models64(test_device) -> tuple[HFCausalLM, HFCausalLM]:
+    target = HFCausalLM(
+        build_tiny_random(num_layers=3, vocab_size=64, seed=1).to(test_device), eos_token_ids=()
+    )
+    draft = HFCausalLM(
+        build_tiny_random(num_layers=1, vocab_size=64, seed=2).to(test_device), eos_token_ids=()
+    )
+    return target, draft
+
+
+PROMPTS64 = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
+GREEDY = get_preset("deterministic", repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("policy", ["constant", "measured"])
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_stop_strings_keep_what_autoregressive_keeps_up_to_the_stop(models64, decoder_name, policy):
+    target, draft = models64
+    want = AutoregressiveDecoder().generate(target, PROMPTS64, GREEDY, 20).token_ids
+    # a two-token stop string from row 1's output, and one that never occurs
+    stops = StopStrings((letters(want[1][3:5]), "zzzzzzzz"), letters)
+    expected = [cut_at_stop_string(row, stops) for row in want]
+    assert expected[1][1] and len(expected[1][0]) <= 5
+    decoder = decoders(draft, 4, policy)[decoder_name]
+    got = decoder.generate(target, PROMPTS64, GREEDY, 20, stop_strings=stops)
+    assert got.token_ids == [tokens for tokens, _ in expected]
+    assert got.finished_by_stop == [stopped for _, stopped in expected]
+    assert [len(x) for x in got.model_logprobs] == [len(t) for t in got.token_ids]
+
+
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_ignore_eos(models64, decoder_name):
+    target, draft = models64
+    plain = AutoregressiveDecoder().generate(target, PROMPTS64, GREEDY, 12).token_ids
+    eos = plain[0][3]
+    with_eos = HFCausalLM(target.model, eos_token_ids=(eos,))
+    decoder = decoders(draft, 3)[decoder_name]
+    ignored = decoder.generate(with_eos, PROMPTS64, GREEDY, 12, ignore_eos=True)
+    assert ignored.token_ids == plain and not any(ignored.finished_by_stop)
+    honoured = decoder.generate(with_eos, PROMPTS64, GREEDY, 12)
+    assert honoured.token_ids[0] == plain[0][:3] and honoured.finished_by_stop[0]
+    explicit = decoder.generate(with_eos, PROMPTS64, GREEDY, 12, stop_ids=[eos], ignore_eos=True)
+    assert explicit.token_ids[0] == plain[0][:3], "explicit stop ids still end rows"
+
+
+@pytest.mark.parametrize("policy", ["constant", "measured"])
+def test_progress_accounts_for_every_token_and_released_budget(models64, policy):
+    target, draft = models64
+    want = AutoregressiveDecoder().generate(target, PROMPTS64, GREEDY, 15).token_ids
+    calls: list[tuple[int, int]] = []
+    out = SpeculativeDecoder(draft, 3, policy=policy).generate(
+        target, PROMPTS64, GREEDY, 15, stop_ids=[want[1][2]], progress=lambda n, r: calls.append((n, r))
+    )
+    new, released = sum(n for n, _ in calls), sum(r for _, r in calls)
+    assert new == out.num_new_tokens and released > 0
+    assert new + released == len(PROMPTS64) * 15
+    assert len(calls) == out.stats["rounds"]
+
+
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_max_batch_size_keeps_input_order_and_outputs(models64, decoder_name):
+    target, draft = models64
+    prompts = PROMPTS64 + [[4, 4, 4, 4], [7, 1]]
+    want = AutoregressiveDecoder().generate(target, prompts, GREEDY, 10, stop_ids=[3])
+    decoder = decoders(draft, 3)[decoder_name]
+    for size in (1, 2, 4, 5, 9):
+        got = decoder.generate(target, prompts, GREEDY, 10, stop_ids=[3], max_batch_size=size)
+        assert got.token_ids == want.token_ids
+        assert got.finished_by_stop == want.finished_by_stop
+    with pytest.raises(ValueError, match="max_batch_size=0 is invalid"):
+        decoder.generate(target, prompts, GREEDY, 10, max_batch_size=0)
+
+
+def test_sampled_rows_do_not_depend_on_max_batch_size_without_stops(models64):
+    """Same row seeds and the same γ every round (no stops, one budget): identical draws in any batching."""
+    target, draft = models64
+    config = SamplingConfig(temperature=1.0, top_k=20)
+    decoder = SpeculativeDecoder(draft, 3)
+    whole = decoder.generate(target, PROMPTS64, config, 9, row_seeds=[11, 12, 13])
+    split = decoder.generate(target, PROMPTS64, config, 9, row_seeds=[11, 12, 13], max_batch_size=2)
+    assert split.token_ids == whole.token_ids
+
+
+class PastDependentPolicy(HeuristicPolicy):
+    """γ ∈ {0, 1, 2, 3} chosen from the last round's outcome: adaptive, hence a test of losslessness
+    under γ changes (including speculation switched off) that does not depend on timings."""
+
+    def observe(self, report) -> None:
+        self.gamma = int(report.overlap_sum * 7 + report.gamma) % 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["measured", "past-dependent"])
+@pytest.mark.parametrize("decoder_name", ["speculative", "self_speculative", "prompt_lookup"])
+def test_lossless_when_gamma_changes_between_rounds(target, draft, prompt, monkeypatch, decoder_name, policy):
+    config = CONFIGS["top-k/top-p"]
+    if policy == "past-dependent":
+        monkeypatch.setattr(draft_verify, "make_policy", lambda name, gamma: PastDependentPolicy(2))
+    decoder = decoders(draft, 3, "measured")[decoder_name]
+    out = decoder.generate(
+        target, [prompt] * DRAWS, config, LENGTH + 1, row_seeds=range(DRAWS), max_batch_size=DRAWS // 4
+    )
+    assert out.stats["accepted_tokens"] > 0
+    assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"]
+    if policy == "past-dependent":
+        assert out.stats.get("scoring_rounds_k1", 0) > 0 and out.stats.get("scoring_rounds_k3", 0) > 0
+    assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH + 1, prompt)) > 1e-3
 
 
 def test_cache_rollback_matches_a_fresh_forward(target):
@@ -234,7 +372,7 @@ def test_self_speculative_rejects_bad_exit_layer(target):
 
 
 def test_draft_with_another_vocabulary_is_refused(target):
-    other = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=VOCAB + 1, seed=3))
+    other = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=VOCAB + 1, seed=3).to(target.device))
     with pytest.raises(ValueError, match="target's tokenizer"):
         SpeculativeDecoder(other).generate(target, [PROMPT], SamplingConfig(), 4)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sampling._numeric import ratio
+from sampling.decoding.speculation_policy import RoundReport
 
 
 def predicted_speedup(alpha: float, gamma: float, cost_ratio: float) -> float:
@@ -44,7 +45,8 @@ def derive_rates(counts: Mapping[str, float]) -> dict[str, float]:
     - ``analytic_acceptance`` α̂ = mean over verified positions of Σ_x min(p(x), q(x));
     - ``tokens_per_target_forward`` τ = tokens emitted per row per target forward;
     - ``cost_ratio`` c = mean draft step time / mean target (verify) step time;
-    - ``predicted_speedup`` from α, the mean γ and c; ``acceptance_rate_pos{i}`` per draft position.
+    - ``predicted_speedup`` from α, the mean γ and c; ``acceptance_rate_pos{i}`` per draft position;
+    - the measured cost curve and the γ policy's record (`policy_rates`).
 
     A rate with nothing to count is NaN (`ratio`): no verified draft gives no α. One exception: a drafter
     that runs no model (prompt lookup) has c = 0, since drafting costs no model step.
@@ -76,6 +78,43 @@ def derive_rates(counts: Mapping[str, float]) -> dict[str, float]:
             counts[f"passed_pos{position}"], counts[f"reached_pos{position}"]
         )
         position += 1
+    return rates | policy_rates(counts)
+
+
+def policy_rates(counts: Mapping[str, float]) -> dict[str, float]:
+    """The measured cost curve and how the γ policy did, from `RoundTally.record_policy`'s counts.
+
+    - ``scoring_cost_k{k}``: mean seconds of a round scoring k tokens (target forward, sampling and
+      bookkeeping: everything but drafting); ``scoring_cost_ratio_k{k}`` = that / the k = 1 cost (a plain
+      autoregressive step in the same loop);
+    - ``draft_step_seconds``: drafting seconds per draft offered;
+    - ``speculation_off_fraction``: the fraction of rounds the measured policy ran without drafts because
+      no γ ≥ 1 was predicted to beat plain decoding;
+    - ``policy_predicted_speedup`` / ``policy_measured_speedup``: over the rounds the policy decided, the
+      plain-decoding seconds of the predicted / emitted tokens (at the measured k = 1 cost) per predicted
+      / measured round second.
+
+    >>> rates = policy_rates({"rounds": 4, "speculation_off_rounds": 1, "scoring_seconds_k1": 2.0,
+    ...     "scoring_rounds_k1": 2, "scoring_seconds_k3": 3.0, "scoring_rounds_k3": 2})
+    >>> rates["scoring_cost_ratio_k3"], rates["speculation_off_fraction"]
+    (1.5, 0.25)
+    """
+
+    def rate(numerator: str, denominator: str) -> float:
+        return ratio(counts.get(numerator, 0.0), counts.get(denominator, 0.0))
+
+    rates = {
+        "speculation_off_fraction": rate("speculation_off_rounds", "rounds"),
+        "draft_step_seconds": rate("draft_seconds", "draft_tokens_offered"),
+        "policy_predicted_speedup": rate("predicted_ar_seconds", "predicted_round_seconds"),
+        "policy_measured_speedup": rate("measured_ar_seconds", "measured_round_seconds"),
+    }
+    ar_step = rate("scoring_seconds_k1", "scoring_rounds_k1")
+    for key in sorted(k for k in counts if k.startswith("scoring_rounds_k")):
+        k = key.removeprefix("scoring_rounds_k")
+        cost = ratio(counts[f"scoring_seconds_k{k}"], counts[key])
+        rates[f"scoring_cost_k{k}"] = cost
+        rates[f"scoring_cost_ratio_k{k}"] = ratio(cost, ar_step)
     return rates
 
 
@@ -91,6 +130,7 @@ COUNT_KEYS = (
     "draft_steps",
     "draft_seconds",
     "verify_seconds",
+    "speculation_off_rounds",
 )
 
 
@@ -110,8 +150,9 @@ class RoundTally:
         overlap: torch.Tensor,
         active: torch.Tensor,
         gamma: int,
-    ) -> None:
-        """One round: ``draft_lengths``, ``accepted``, ``active`` [B]; ``overlap`` [B, γ]; γ offered."""
+    ) -> tuple[float, float]:
+        """One round: ``draft_lengths``, ``accepted``, ``active`` [B]; ``overlap`` [B, γ]; γ offered.
+        Returns (verified draft positions, Σ overlap over them)."""
         lengths = torch.where(active, draft_lengths, 0)
         accepted = torch.where(active, accepted, 0)
         verified = torch.minimum(accepted + 1, lengths)
@@ -122,9 +163,34 @@ class RoundTally:
         self.add("drafted_tokens", lengths.sum())
         self.add("accepted_tokens", accepted.sum())
         self.add("verified_tokens", verified.sum())
-        self.add("overlap_sum", overlap[reached].sum())
+        overlap_sum = float(overlap[reached].sum())
+        self.add("overlap_sum", overlap_sum)
         self.add("row_rounds", active.sum())
         self.add("emitted_tokens", (accepted + 1)[active].sum())
         for i in range(overlap.shape[1]):
             self.add(f"reached_pos{i + 1}", reached[:, i].sum())
             self.add(f"passed_pos{i + 1}", (reached[:, i] & (accepted > i)).sum())
+        return float(verified.sum()), overlap_sum
+
+    def record_policy(
+        self,
+        report: RoundReport,
+        off: bool,
+        prediction: tuple[float, float, float] | None,
+        emitted_per_row: float,
+    ) -> None:
+        """One round's cost by tokens scored (k = γ + 1 unless fewer drafts were found), whether the policy
+        had switched speculation off, and, when the policy predicted (tokens per row, round seconds, plain
+        step seconds), the predicted and the measured plain-decoding seconds saved."""
+        k = report.tokens_scored
+        self.add(f"scoring_seconds_k{k}", report.verify_seconds)
+        self.add(f"scoring_rounds_k{k}", 1)
+        self.add("speculation_off_rounds", off)
+        if prediction is None:
+            return
+        tokens, seconds, ar_step = prediction
+        self.add("policy_rounds", 1)
+        self.add("predicted_ar_seconds", tokens * ar_step)
+        self.add("predicted_round_seconds", seconds)
+        self.add("measured_ar_seconds", emitted_per_row * ar_step)
+        self.add("measured_round_seconds", report.draft_seconds + report.verify_seconds)

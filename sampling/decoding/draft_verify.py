@@ -22,12 +22,16 @@ from sampling.decoding.accounting import RoundTally
 from sampling.decoding.base import (
     CausalLM,
     GenerationOutput,
+    Progress,
     fit_prompts,
     left_pad,
+    merge_outputs,
     resolve_row_seeds,
     stop_set,
 )
-from sampling.decoding.rounds import HOLE, Drafts, DraftSession, RoundState, no_drafts
+from sampling.decoding.rounds import HOLE, Drafts, DraftSession, RoundState, kept_prefix, no_drafts
+from sampling.decoding.speculation_policy import POLICIES, Policy, RoundReport, make_policy
+from sampling.decoding.stopping import StopStrings, StopStringTracker
 from sampling.sampler import TokenSampler
 
 __all__ = [
@@ -118,29 +122,42 @@ def sample_from_probs(
 
 @dataclass
 class _Call:
-    """One `generate` call's loop state: the batch, its drafting session, the output being filled."""
+    """One batch's loop state: rows, drafting session, γ policy, stop rules and the output being filled."""
 
     state: RoundState
     session: DraftSession
     out: GenerationOutput
     stops: frozenset[int]
     max_new_tokens: int
-    gamma: int
     finished: list[bool]
     tally: RoundTally
+    policy: Policy
+    tracker: StopStringTracker | None
+    progress: Progress | None
 
-    def round_gamma(self) -> int:
-        """Drafts to offer this round: γ, but no more than the longest unfinished row can still use."""
+    def room(self) -> int:
+        """The most tokens an unfinished row may still emit."""
         rows = range(len(self.finished))
-        room = max(self.max_new_tokens - len(self.out.token_ids[r]) for r in rows if not self.finished[r])
-        return max(1, min(self.gamma, room - 1)) if room > 1 else 0
+        return max(self.max_new_tokens - len(self.out.token_ids[r]) for r in rows if not self.finished[r])
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time after the device's queued work (CUDA runs asynchronously; CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class DraftVerifyDecoder:
     """Base of the speculative decoders: subclasses say how to draft by opening a `DraftSession` per call.
 
+    ``policy`` chooses the drafts offered per round (`speculation_policy`): "constant" γ =
+    ``num_draft_tokens``; "heuristic" HF's +2/−1 schedule from γ; "measured" the γ in 0..``num_draft_tokens``
+    with the best predicted speedup from this call's measured costs (0 = a plain autoregressive round).
+    ``adaptive=True`` is the older spelling of ``policy="heuristic"``.
+
     The instance holds only settings; everything a call changes lives in that call's `RoundState`,
-    `DraftSession` and loop state, so one instance can serve concurrent calls.
+    `DraftSession`, policy and loop state, so one instance can serve concurrent calls.
     """
 
     def __init__(
@@ -149,13 +166,21 @@ class DraftVerifyDecoder:
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens={num_draft_tokens} is invalid: must be >= 1")
+        policy = policy or ("heuristic" if adaptive else "constant")
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r} is invalid: must be one of {', '.join(POLICIES)}")
         self.num_draft_tokens = num_draft_tokens
-        self.adaptive = adaptive
+        self.policy = policy
         self.keep_stop_token = keep_stop_token
         self.truncate_prompts = truncate_prompts
+
+    @property
+    def adaptive(self) -> bool:
+        return self.policy != "constant"
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftSession:
         """A fresh drafter for one call, opened after the target prefilled all but the pending token."""
@@ -171,16 +196,37 @@ class DraftVerifyDecoder:
         max_new_tokens: int,
         stop_ids: Sequence[int] = (),
         row_seeds: Sequence[int] | None = None,
+        *,
+        stop_strings: StopStrings | None = None,
+        ignore_eos: bool = False,
+        max_batch_size: int | None = None,
+        progress: Progress | None = None,
     ) -> GenerationOutput:
+        """Rows run in static batches of at most ``max_batch_size`` (all at once by default), in input
+        order; one γ policy serves the whole call, so later batches reuse the costs measured earlier."""
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1 or None")
         prompts = fit_prompts(
             model, prompt_ids, max_new_tokens + self.num_draft_tokens + 1, self.truncate_prompts
         )
+        seeds = resolve_row_seeds(config, len(prompts), row_seeds)
+        stops = stop_set(model, stop_ids, ignore_eos)
+        policy = make_policy(self.policy, self.num_draft_tokens)
+        size = max_batch_size or len(prompts)
+        outputs = []
+        for first in range(0, len(prompts), size):
+            rows = slice(first, first + size)
+            tracker = stop_strings.start(len(prompts[rows])) if stop_strings is not None else None
+            call = self._prefill(model, prompts[rows], config, max_new_tokens, stops, seeds[rows], policy)
+            call.tracker, call.progress = tracker, progress
+            outputs.append(self._run(model, call))
+        return outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
+
+    def _run(self, model: CausalLM, call: _Call) -> GenerationOutput:
         start = time.perf_counter()
-        call = self._prefill(model, prompts, config, max_new_tokens, stop_ids, row_seeds)
-        call.out.prefill_seconds = time.perf_counter() - start
         while not all(call.finished):
             self._round(model, call)
-        call.out.decode_seconds = time.perf_counter() - start - call.out.prefill_seconds
+        call.out.decode_seconds = time.perf_counter() - start
         call.out.draft_forwards = call.state.draft_forwards
         call.tally.add("draft_steps", call.state.draft_forwards)
         call.out.stats = call.tally.counts
@@ -192,10 +238,12 @@ class DraftVerifyDecoder:
         prompts: list[list[int]],
         config: SamplingConfig,
         max_new_tokens: int,
-        stop_ids: Sequence[int],
-        row_seeds: Sequence[int] | None,
+        stops: frozenset[int],
+        seeds: torch.Tensor,
+        policy: Policy,
     ) -> _Call:
         """Left-pad the prompts, run the target on all but each row's last token, open the drafter."""
+        start = time.perf_counter()
         device = model.device
         tokens, _ = left_pad(prompts, HOLE, device)
         batch, width = tokens.shape
@@ -203,10 +251,11 @@ class DraftVerifyDecoder:
             tokens=tokens,
             prompt_width=width,
             emitted=torch.zeros(batch, dtype=torch.long, device=device),
-            seeds=resolve_row_seeds(config, batch, row_seeds).to(device),
+            seeds=seeds.to(device),
             sampler=TokenSampler(config),
             target_cache=model.new_cache(),
         )
+        state.sampler_state = state.sampler.initial_state(batch, device)
         out = GenerationOutput(
             token_ids=[[] for _ in range(batch)],
             model_logprobs=[[] for _ in range(batch)],
@@ -218,41 +267,54 @@ class DraftVerifyDecoder:
             inputs, mask = tokens[:, :-1].clamp(min=0), state.attention_mask[:, :-1]
             model.forward(inputs, state.target_cache, mask, last_positions=1)
             out.target_forwards += 1
+        session = self.open_session(model, state)
+        out.prefill_seconds = time.perf_counter() - start
         return _Call(
             state=state,
-            session=self.open_session(model, state),
+            session=session,
             out=out,
-            stops=stop_set(model, stop_ids),
+            stops=stops,
             max_new_tokens=max_new_tokens,
-            gamma=self.num_draft_tokens,
             finished=[False] * batch,
             tally=RoundTally(),
+            policy=policy,
+            tracker=None,
+            progress=None,
         )
 
     def _round(self, model: CausalLM, call: _Call) -> None:
         """Draft, score, verify, emit, then roll the caches back to what was kept."""
-        state, out, tally = call.state, call.out, call.tally
-        gamma = call.round_gamma()
-        tick = time.perf_counter()
-        drafts = call.session.propose(state, gamma) if gamma else no_drafts(len(call.finished), model.device)
-        tally.add("draft_seconds", time.perf_counter() - tick)
-        tick = time.perf_counter()
+        state, out, tally, device = call.state, call.out, call.tally, model.device
+        room = call.room()
+        gamma = min(call.policy.next_gamma(), room - 1) if room > 1 else 0
+        prediction = call.policy.prediction(gamma)
+        start = _clock(device)
+        drafts = call.session.propose(state, gamma) if gamma else no_drafts(len(call.finished), device)
+        drafted = _clock(device)
         logits = call.session.score(state, drafts)
-        tally.add("verify_seconds", time.perf_counter() - tick)
+        tally.add("verify_seconds", _clock(device) - drafted)
         out.target_forwards += 1
         tick = time.perf_counter()
         probs = state.distributions(logits, drafts.tokens)
         verdict = verify_drafts(probs, drafts, state.seeds, state.emitted)
+        active = torch.tensor([not f for f in call.finished], device=device)
+        state.commit_state(logits, drafts.tokens, verdict.accepted, verdict.next_token, active)
         out.sampler_seconds += time.perf_counter() - tick
         out.sampler_calls += 1
 
-        active = torch.tensor([not f for f in call.finished], device=model.device)
-        tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active, gamma)
-        self._emit(call, drafts, verdict, logits, probs)
+        verified, overlap = tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active, gamma)
+        new_tokens, released = self._emit(call, drafts, verdict, logits, probs)
         self._advance(model, call, drafts, verdict, active)
-        if self.adaptive and gamma:
-            all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
-            call.gamma = call.gamma + 2 if all_passed else max(1, call.gamma - 1)
+        done = _clock(device)
+        all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
+        scored = drafts.tokens.shape[1]
+        report = RoundReport(gamma, all_passed, overlap, verified, drafted - start, done - drafted, scored)
+        call.policy.observe(report)
+        emitted_per_row = float((verdict.accepted + 1)[active].float().mean())
+        tally.add("draft_seconds", report.draft_seconds)
+        tally.record_policy(report, call.policy.is_off(gamma), prediction, emitted_per_row)
+        if call.progress is not None:
+            call.progress(new_tokens, released)
 
     @staticmethod
     def _advance(
@@ -273,8 +335,9 @@ class DraftVerifyDecoder:
 
     def _emit(
         self, call: _Call, drafts: Drafts, verdict: Verdict, logits: torch.Tensor, probs: torch.Tensor
-    ) -> None:
-        """Append each active row's accepted drafts and next token, honouring stops and the budget."""
+    ) -> tuple[int, int]:
+        """Append each active row's accepted drafts and next token up to its stop (id or string) or budget;
+        returns (tokens appended, budget released by rows that ended early)."""
         out, finished = call.out, call.finished
         accepted = verdict.accepted
         produced = torch.cat([drafts.tokens, torch.zeros_like(accepted).unsqueeze(1)], dim=1)
@@ -283,20 +346,23 @@ class DraftVerifyDecoder:
         entropy = -torch.where(probs > 0, probs * torch.log(probs), 0.0).sum(-1)
         columns = [produced, model_logprobs, entropy, (probs > 0).sum(-1), accepted + 1]
         produced, model_logprobs, entropy, num_kept, counts = (c.tolist() for c in columns)
+        appended = released = 0
         for row in range(len(finished)):
             if finished[row]:
                 continue
-            for position in range(counts[row]):
-                token = produced[row][position]
-                if token in call.stops:
-                    out.finished_by_stop[row] = True
-                    finished[row] = True
-                    if not self.keep_stop_token:
-                        break
-                out.token_ids[row].append(token)
-                out.model_logprobs[row].append(model_logprobs[row][position])
-                out.entropies[row].append(entropy[row][position])
-                out.num_kept[row].append(num_kept[row][position])
-                if finished[row] or len(out.token_ids[row]) >= call.max_new_tokens:
-                    finished[row] = True
-                    break
+            have = len(out.token_ids[row])
+            chunk = produced[row][: counts[row]]
+            keep, stopped = kept_prefix(chunk, call.stops, self.keep_stop_token, call.max_new_tokens - have)
+            if call.tracker is not None and keep:
+                cut = call.tracker.extend(row, chunk[:keep])
+                keep, stopped = (keep, stopped) if cut is None else (cut, True)
+            out.token_ids[row] += chunk[:keep]
+            out.model_logprobs[row] += model_logprobs[row][:keep]
+            out.entropies[row] += entropy[row][:keep]
+            out.num_kept[row] += num_kept[row][:keep]
+            appended += keep
+            if stopped or have + keep >= call.max_new_tokens:
+                out.finished_by_stop[row] = stopped
+                finished[row] = True
+                released += call.max_new_tokens - have - keep
+        return appended, released

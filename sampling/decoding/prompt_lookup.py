@@ -54,8 +54,9 @@ class PromptLookupDecoder(DraftVerifyDecoder):
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
         if max_ngram < 1:
             raise ValueError(f"max_ngram={max_ngram} is invalid: must be >= 1")
         self.max_ngram = max_ngram

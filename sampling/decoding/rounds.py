@@ -6,15 +6,35 @@ Everything here is per `generate` call: a decoder instance holds only its settin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sampling.decoding.base import CausalLM
-from sampling.sampler import TokenSampler
+from sampling.sampler import SamplerState, TokenSampler
 
 HOLE = -1
+
+
+def kept_prefix(
+    tokens: Sequence[int], stops: frozenset[int], keep_stop_token: bool, room: int
+) -> tuple[int, bool]:
+    """How many of a row's new ``tokens`` to keep, and whether a stop token ended the row: tokens up to
+    its first stop token (included only with ``keep_stop_token``), at most ``room`` of them.
+
+    >>> kept_prefix([4, 2, 9], frozenset({2}), False, 5), kept_prefix([4, 2, 9], frozenset({2}), True, 5)
+    ((1, True), (2, True))
+    >>> kept_prefix([4, 5, 9], frozenset({2}), False, 2)
+    (2, False)
+    """
+    for position, token in enumerate(tokens):
+        if position >= room:
+            return room, False
+        if token in stops:
+            return position + int(keep_stop_token), True
+    return min(len(tokens), room), False
 
 
 @dataclass
@@ -36,7 +56,15 @@ def no_drafts(batch: int, device: torch.device) -> Drafts:
 @dataclass
 class RoundState:
     """Everything a proposer may read about the batch: ``tokens`` [B, S] (prompt + kept tokens, -1 for
-    padding and holes; column S-1 is each row's pending token, not yet in the target cache)."""
+    padding and holes; column S-1 is each row's pending token, not yet in the target cache).
+
+    Sampler state (mirostat's μ per row) is ``sampler_state``: the state after every *kept* token. Within
+    a round, position i's target distribution uses it advanced through drafts 1..i−1 with the target's
+    logits (`distributions`); after verification `commit_state` advances it through the accepted drafts
+    and the drawn token only, so a rejected draft leaves no trace. A draft model's proposals start from
+    the same committed state and advance it with the draft's own logits (`draft_distribution`,
+    `advance_draft_state`). XTC's coin is keyed by (row seed, position), on both sides.
+    """
 
     tokens: torch.Tensor
     prompt_width: int
@@ -46,6 +74,9 @@ class RoundState:
     sampler: TokenSampler
     target_cache: Any
     draft_forwards: int = 0
+    sampler_state: SamplerState | None = None
+    position_states: list[SamplerState | None] = field(default_factory=list)
+    """This round's target states at positions 0..k (before each position's token), from `distributions`."""
 
     @property
     def width(self) -> int:
@@ -54,6 +85,10 @@ class RoundState:
     @property
     def attention_mask(self) -> torch.Tensor:
         return (self.tokens >= 0).long()
+
+    @property
+    def stateful(self) -> bool:
+        return self.sampler.config.is_stateful
 
     def histories(self, extra: torch.Tensor) -> torch.Tensor:
         """Contexts for positions 0..k: row-major ``[B·(k+1), S+k]``; position i sees ``extra[:, :i]``."""
@@ -67,15 +102,89 @@ class RoundState:
         """Sampling distributions [B, k+1, V] for ``logits`` [B, k+1, V] scored after ``extra`` [B, k]."""
         batch, positions, vocab = logits.shape
         history = self.histories(extra)
-        probs = self.sampler.distribution(
-            logits.reshape(batch * positions, vocab), history, generated=history[:, self.prompt_width :]
-        )
-        return probs.reshape(batch, positions, vocab)
+        steps = self.emitted.unsqueeze(1) + torch.arange(positions, device=logits.device)
+        if not self.stateful:
+            probs = self.sampler.distribution(
+                logits.reshape(batch * positions, vocab),
+                history,
+                generated=history[:, self.prompt_width :],
+                row_seeds=self.seeds.repeat_interleave(positions),
+                step=steps.reshape(-1),
+            )
+            return probs.reshape(batch, positions, vocab)
+        history = history.reshape(batch, positions, -1)
+        state, self.position_states, probs = self.sampler_state, [], []
+        for i in range(positions):
+            self.position_states.append(state)
+            context = (history[:, i], history[:, i, self.prompt_width :])
+            probs.append(
+                self.sampler.distribution(
+                    logits[:, i], *context, state=state, row_seeds=self.seeds, step=steps[:, i]
+                )
+            )
+            if i < positions - 1:
+                state = self.sampler.advance_state(
+                    state, logits[:, i], extra[:, i], *context, row_seeds=self.seeds, step=steps[:, i]
+                )
+        return torch.stack(probs, dim=1)
 
-    def draft_distribution(self, logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
-        """The sampling distribution [B, V] of a draft model's ``logits`` [B, V] after ``drafts`` [B, i]."""
+    def commit_state(
+        self,
+        logits: torch.Tensor,
+        extra: torch.Tensor,
+        accepted: torch.Tensor,
+        next_token: torch.Tensor,
+        active: torch.Tensor,
+    ) -> None:
+        """Advance each active row's sampler state through its accepted drafts and its drawn token (call
+        after `distributions` on the same round, before the tokens are appended)."""
+        if not self.stateful:
+            return
+        rows = torch.arange(len(accepted), device=accepted.device)
+        mu = torch.stack([s.mu for s in self.position_states], dim=1)[rows, accepted]
+        history = self.histories(extra).reshape(len(rows), extra.shape[1] + 1, -1)[rows, accepted]
+        after = self.sampler.advance_state(
+            SamplerState(mu),
+            logits[rows, accepted],
+            next_token,
+            history,
+            history[:, self.prompt_width :],
+            row_seeds=self.seeds,
+            step=self.emitted + accepted,
+        )
+        self.sampler_state = SamplerState(torch.where(active, after.mu, self.sampler_state.mu))
+
+    def draft_distribution(
+        self, logits: torch.Tensor, drafts: torch.Tensor, state: SamplerState | None = None
+    ) -> torch.Tensor:
+        """The sampling distribution [B, V] of a draft model's ``logits`` [B, V] after ``drafts`` [B, i],
+        in sampler state ``state`` (the draft's own, see `advance_draft_state`)."""
         history = torch.cat([self.tokens, drafts], dim=1)
-        return self.sampler.distribution(logits, history, generated=history[:, self.prompt_width :])
+        return self.sampler.distribution(
+            logits,
+            history,
+            generated=history[:, self.prompt_width :],
+            state=state,
+            row_seeds=self.seeds,
+            step=self.emitted + drafts.shape[1],
+        )
+
+    def advance_draft_state(
+        self, state: SamplerState | None, logits: torch.Tensor, drafts: torch.Tensor
+    ) -> SamplerState | None:
+        """The draft's state after its last draft ``drafts[:, -1]`` was drawn from ``logits`` [B, V]."""
+        if not self.stateful:
+            return state
+        history = torch.cat([self.tokens, drafts[:, :-1]], dim=1)
+        return self.sampler.advance_state(
+            state,
+            logits,
+            drafts[:, -1],
+            history,
+            history[:, self.prompt_width :],
+            row_seeds=self.seeds,
+            step=self.emitted + drafts.shape[1] - 1,
+        )
 
 
 class DraftSession:

@@ -29,16 +29,17 @@ class EarlyExitSession(DraftSession):
         mask = state.attention_mask
         inputs = state.tokens[:, -1:]
         drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
-        probs, self.hidden = [], []
+        probs, self.hidden, sampler_state = [], [], state.sampler_state
         for i in range(gamma):
             logits, hidden = self.early_exit_target.forward_early_exit(
                 inputs.clamp(min=0), state.target_cache, self.exit_layer, mask
             )
             state.draft_forwards += 1
             self.hidden.append(hidden)
-            q = state.draft_distribution(logits[:, -1], drafts[:, :i])
+            q = state.draft_distribution(logits[:, -1], drafts[:, :i], sampler_state)
             drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
             probs.append(q)
+            sampler_state = state.advance_draft_state(sampler_state, logits[:, -1], drafts[:, : i + 1])
             inputs = drafts[:, i : i + 1]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
@@ -71,8 +72,9 @@ class SelfSpeculativeDecoder(DraftVerifyDecoder):
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
         if exit_layer < 1:
             raise ValueError(f"exit_layer={exit_layer} is invalid: must be >= 1")
         self.exit_layer = exit_layer

@@ -38,11 +38,12 @@ class DraftModelSession(DraftSession):
         logits = self._forward(state.tokens[:, self.cached :], mask)
         state.draft_forwards += 1
         drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
-        probs = []
+        probs, sampler_state = [], state.sampler_state
         for i in range(gamma):
-            q = state.draft_distribution(logits, drafts[:, :i])
+            q = state.draft_distribution(logits, drafts[:, :i], sampler_state)
             drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
             probs.append(q)
+            sampler_state = state.advance_draft_state(sampler_state, logits, drafts[:, : i + 1])
             if i + 1 < gamma:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits = self._forward(drafts[:, i : i + 1], mask)
@@ -59,8 +60,9 @@ class DraftModelSession(DraftSession):
 class SpeculativeDecoder(DraftVerifyDecoder):
     """Drafts γ tokens from ``draft_model``'s sampling distribution q (same config, same history as
     the target), verified against the target's p. Lossless: the output is distributed as autoregressive
-    sampling from the target. ``adaptive`` grows γ by 2 after a round where every draft passed and
-    shrinks it by 1 otherwise (HF's heuristic)."""
+    sampling from the target. ``policy`` picks γ per round (see `DraftVerifyDecoder`); ``adaptive=True``
+    is ``policy="heuristic"``: γ grows by 2 after a round where every draft passed and shrinks by 1
+    otherwise (HF's heuristic)."""
 
     def __init__(
         self,
@@ -69,8 +71,9 @@ class SpeculativeDecoder(DraftVerifyDecoder):
         adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
+        policy: str | None = None,
     ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts)
+        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
         self.draft_model = draft_model
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftModelSession:
