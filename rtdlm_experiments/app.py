@@ -34,6 +34,7 @@ from rtdlm_experiments.schema import ConfigError
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder
 from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, Progress
+from sampling.decoding.speculation_policy import POLICIES
 from sampling.decoding.stopping import StopStrings, truncate_at_stop
 
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -116,6 +117,9 @@ def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
     for key in _POSITIVE_DECODER_FIELDS:
         if key in cfg and cfg[key] < 1:
             raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
+    if "policy" in cfg and cfg["policy"] not in POLICIES:
+        allowed = ", ".join(POLICIES)
+        raise ConfigError(f"decoder.policy={cfg['policy']!r} is invalid: must be one of {allowed}")
     try:
         get_class(cfg["_target_"])
     except Exception as err:

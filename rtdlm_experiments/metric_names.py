@@ -33,7 +33,7 @@ _RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"^(tokens_per_second|ms_per_token|time_to_first_token|sampler_us|target_forwards|new_tokens"
         r"|speedup)|_seconds$"
     )),
-    ("quality", re.compile(r"^(pass_at_|exact_match|contains_answer|accuracy|score)")),
+    ("quality", re.compile(r"^(pass_at_|exact_match|contains_answer|judge_|accuracy|score)")),
 )  # fmt: skip
 
 

@@ -99,26 +99,33 @@ class AutoregressiveSchema(DecoderSchema):
 
 
 @dataclass
-class SpeculativeSchema(DecoderSchema):
+class DraftingSchema(DecoderSchema):
+    """What every draft-then-verify decoder shares: how many drafts a round may offer, and who decides."""
+
+    num_draft_tokens: int = MISSING
+    """γ for ``policy: constant``; the most drafts a round may offer for the other policies."""
+    policy: str = MISSING
+    """``measured`` (γ from the measured verify/draft cost curve and acceptance; off when it cannot win),
+    ``heuristic`` (HF's +2/−1 rule) or ``constant``."""
+
+
+@dataclass
+class SpeculativeSchema(DraftingSchema):
     name: str = "speculative"
     draft_model: str = MISSING
     """Name of a config in the ``model`` group; it must share the target's tokenizer."""
-    num_draft_tokens: int = MISSING
-    adaptive: bool = MISSING
 
 
 @dataclass
-class SelfSpeculativeSchema(DecoderSchema):
+class SelfSpeculativeSchema(DraftingSchema):
     name: str = "self_speculative"
     exit_layer: int = MISSING
-    num_draft_tokens: int = MISSING
 
 
 @dataclass
-class PromptLookupSchema(DecoderSchema):
+class PromptLookupSchema(DraftingSchema):
     name: str = "prompt_lookup"
     max_ngram: int = MISSING
-    num_draft_tokens: int = MISSING
 
 
 @dataclass

@@ -331,13 +331,13 @@ def test_build_decoder_maps_each_config_to_its_decoder():
             "decoder=speculative",
             "decoder.draft_model=tiny-random",
             "decoder.num_draft_tokens=3",
-            "decoder.adaptive=true",
+            "decoder.policy=heuristic",
         ),
         target,
         load,
     )
     assert isinstance(speculative, decoding.SpeculativeDecoder)
-    assert (speculative.num_draft_tokens, speculative.adaptive) == (3, True)
+    assert (speculative.num_draft_tokens, speculative.policy) == (3, "heuristic")
     assert loaded == [("tiny-random", {"device": "cpu", "dtype": "float32"})]
     self_speculative = app.build_decoder(
         decoder_config("decoder=self_speculative", "decoder.exit_layer=2", "decoder.num_draft_tokens=5"),

@@ -116,7 +116,7 @@ def distinct_n_interval(
 
     A prompt drawn twice duplicates its n-grams, so resampled distinct-n is biased low (the plain
     percentile interval can lie wholly below the estimate). ``correct_bias`` shifts the resampled values
-    by that bias (their mean minus the estimate) before taking the percentiles.
+    by that bias (their mean minus the estimate), clipped to [0, 1], before taking the percentiles.
 
     >>> interval = distinct_n_interval([[1, 2], [1, 2], [3, 4]], groups=[0, 0, 1], n=1, resamples=200)
     >>> interval.estimate, interval.low, interval.high
@@ -145,8 +145,8 @@ def distinct_n_interval(
     total = draws @ totals
     values = unique[total > 0] / total[total > 0]
     estimate = len(holders) / float(totals.sum())
-    if correct_bias:
-        values = values - (values.mean() - estimate)
+    if correct_bias:  # a distinct-n ratio stays in [0, 1] after the shift
+        values = np.clip(values - (values.mean() - estimate), 0.0, 1.0)
     tail = (1.0 - confidence) / 2.0
     low, high = np.quantile(values, [tail, 1.0 - tail])
     return Interval(estimate, float(low), float(high))

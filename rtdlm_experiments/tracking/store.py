@@ -164,13 +164,17 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     return experiment_id
 
 
+_VIEW_ORDER_METRIC = "distinct_2"
+"""Every job has it (quality metrics exist only for task-scored prompt sets), so sorting by it lists all."""
+
+
 def runs_view_state() -> str:
     """The JSON of `RUNS_VIEW_KEY`: columns (attributes, the configuration params, the key metrics under
     their logged names) and the order (a metric, so runs are listed flat rather than nested)."""
     columns = ["attributes.`Source`", "attributes.`Dataset`"]
     columns += [f"params.`{name}`" for name in _VIEW_PARAMS]
     columns += [f"metrics.`{namespaced(name)}`" for name in KEY_METRICS]
-    order = f"metrics.`{namespaced(KEY_METRICS[0])}`"
+    order = f"metrics.`{namespaced(_VIEW_ORDER_METRIC)}`"
     return json.dumps({"selectedColumns": columns, "orderByKey": order, "orderByAsc": False})
 
 
