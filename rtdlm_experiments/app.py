@@ -100,8 +100,22 @@ class JobResult:
 
 
 def sampling_config(cfg: Mapping[str, Any], seed: int | None = None) -> SamplingConfig:
-    """The preset named by ``cfg["preset"]`` with every non-null field of ``cfg`` overriding it."""
-    overrides = {key: value for key, value in cfg.items() if key != "preset" and value is not None}
+    """The preset named by ``cfg["preset"]`` with every non-null field of ``cfg`` overriding it.
+
+    Hydra's lists and mappings (``order``, ``dry_sequence_breakers``, ``logit_bias``) become plain ones;
+    an ``order`` that is neither a list nor a string (``sampling.order=5``) is read as an order's name,
+    so it fails as an unknown one.
+
+    >>> sampling_config({"preset": "precise", "order": ["top_k", "temperature"], "top_p": None}).order
+    ('top_k', 'temperature')
+    """
+    overrides = {
+        key: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key != "preset" and value is not None
+    }
+    if "order" in overrides and not isinstance(overrides["order"], str | list | tuple):
+        overrides["order"] = str(overrides["order"])
     try:
         return get_preset(cfg["preset"], **overrides, seed=seed)
     except ValueError as err:

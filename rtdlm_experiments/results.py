@@ -77,16 +77,21 @@ class JobMeta:
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested mappings to dotted keys (lists stay values).
+    """Nested mappings to dotted keys (lists stay values; tuples, and tuples in them, become lists, as in
+    the config's JSON copy, so a config hashes and logs the same in memory and reloaded).
 
     >>> flatten_config({"a": {"b": 1, "c": [2, 3]}, "d": None})
     {'a.b': 1, 'a.c': [2, 3], 'd': None}
+    >>> flatten_config({"sampling": {"logit_bias": ((50256, -100.0),), "order": ("top_k", "min_p")}})
+    {'sampling.logit_bias': [[50256, -100.0]], 'sampling.order': ['top_k', 'min_p']}
     """
     flat: dict[str, Any] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten_config(value, prefix=f"{name}."))
+        elif isinstance(value, list | tuple):
+            flat[name] = [list(item) if isinstance(item, tuple) else item for item in value]
         else:
             flat[name] = value
     return flat

@@ -61,8 +61,12 @@ def output_root() -> Path:
 class SamplingSchema:
     """A preset of `sampling.PRESETS` plus per-field overrides; ``null`` keeps the preset's value.
 
-    ``repetition_window: null`` therefore means the preset's window (every preset uses the whole
-    context). The job's ``seed`` seeds the sampler, so there is no seed here.
+    ``repetition_window: null`` and ``dry_penalty_last_n: null`` therefore mean the preset's window (every
+    preset uses the whole context). The job's ``seed`` seeds the sampler, so there is no seed here.
+    ``order`` is a named order or a list of stages (``sampling.order=[penalties,top_k,temperature]``);
+    ``logit_bias`` a ``{token_id: bias}`` mapping (``sampling.logit_bias={50256: -inf}``), typed `Any`
+    because OmegaConf cannot merge a mapping into an unset typed dict; `sampling.SamplingConfig` checks
+    both, and every range.
     """
 
     preset: str = "balanced"
@@ -74,8 +78,26 @@ class SamplingSchema:
     repetition_window: int | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
+    typical_p: float | None = None
+    epsilon_cutoff: float | None = None
+    eta_cutoff: float | None = None
+    top_n_sigma: float | None = None
+    dynatemp_range: float | None = None
+    dynatemp_exponent: float | None = None
+    xtc_probability: float | None = None
+    xtc_threshold: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_penalty_last_n: int | None = None
+    dry_sequence_breakers: list[int] | None = None
+    no_repeat_ngram_size: int | None = None
+    logit_bias: Any = None
+    mirostat: int | None = None
+    mirostat_tau: float | None = None
+    mirostat_eta: float | None = None
     do_sample: bool | None = None
-    order: str | None = None
+    order: Any = None
 
 
 @dataclass

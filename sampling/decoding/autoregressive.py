@@ -3,8 +3,10 @@
 One target forward per step draws one token for every row in flight. At most ``max_batch_size`` rows
 are in flight; when a row ends (stop id, EOS, stop string, or its ``max_new_tokens``) it leaves the batch
 and the next pending row is prefilled and takes its place (`slots` says how the cache is edited). A
-row's draws depend only on its logits, its seed and its own step (the number of tokens it has drawn),
-and penalties see only its own tokens, so every row gets exactly the tokens it would get alone.
+row's draws depend only on its logits, its seed, its own step (the number of tokens it has drawn) and
+its own sampler state (mirostat's μ: a newcomer starts from the initial state, a leaving row's state
+leaves with it), and penalties, DRY and no-repeat-n-gram see only its own tokens, so every row gets
+exactly the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ class _Call:
         if not newcomers:
             return slots, logits
         tick = time.perf_counter()
-        fresh, fresh_logits = prefill_slots(self.model, [self.prompts[r] for r in newcomers], newcomers)
+        state = self.sampler.initial_state(len(newcomers), self.model.device)
+        prompts = [self.prompts[r] for r in newcomers]
+        fresh, fresh_logits = prefill_slots(self.model, prompts, newcomers, state)
         self.out.prefill_seconds += time.perf_counter() - tick
         self.out.target_forwards += 1
         if slots is None:
@@ -67,7 +71,8 @@ class _Call:
         return slots, torch.cat([logits, fresh_logits])
 
     def sample(self, slots: SlotBatch, logits: torch.Tensor) -> SampleOutput:
-        """One draw per slot, keyed by its row's seed and its own step (tokens it has drawn so far)."""
+        """One draw per slot, keyed by its row's seed and its own step (tokens it has drawn so far), from
+        its own state; the slots keep the state after the draw."""
         tick = time.perf_counter()
         sampled = self.sampler.sample(
             logits,
@@ -75,7 +80,10 @@ class _Call:
             row_seeds=self.seeds[slots.row_index],
             step=slots.generated,
             generated=slots.generated_part(),
+            state=slots.state,
         )
+        if sampled.state is not None:
+            slots.state = sampled.state
         self.out.sampler_seconds += time.perf_counter() - tick
         self.out.sampler_calls += 1
         return sampled

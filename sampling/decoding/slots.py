@@ -23,13 +23,14 @@ of the batch has finished, then start a fresh cache.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from sampling.decoding import kv_rows
 from sampling.decoding.base import CausalLM, left_pad
+from sampling.sampler import SamplerState
 
 PAD = -1
 
@@ -37,12 +38,14 @@ PAD = -1
 @dataclass
 class SlotBatch:
     """Rows in flight. Per slot: ``rows`` the input row it serves, ``generated`` [S] how many tokens that
-    row has drawn (its sampler step), ``live`` False once it finished but still holds its slot (static
-    batches only). ``tokens`` [S, W] mirrors ``cache``; ``editable`` whether rows can join and leave."""
+    row has drawn (its sampler step), ``state`` its sampler state (mirostat's μ), ``live`` False once it
+    finished but still holds its slot (static batches only). ``tokens`` [S, W] mirrors ``cache``;
+    ``editable`` whether rows can join and leave."""
 
     rows: list[int]
     tokens: torch.Tensor
     generated: torch.Tensor
+    state: SamplerState
     live: list[bool]
     cache: Any
     editable: bool
@@ -73,6 +76,7 @@ class SlotBatch:
         kv_rows.append_rows(self.cache, newcomers.cache)
         self.tokens = _cat_right_aligned(self.tokens, newcomers.tokens)
         self.generated = torch.cat([self.generated, newcomers.generated])
+        self.state = _cat_states(self.state, newcomers.state)
         self.rows += newcomers.rows
         self.live += newcomers.live
 
@@ -92,6 +96,7 @@ class SlotBatch:
         kv_rows.select_rows(self.cache, index)
         self.tokens = self.tokens[index]
         self.generated = self.generated[index]
+        self.state = self.state.select(index)
         self.rows = [self.rows[slot] for slot in kept]
         self.live = [self.live[slot] for slot in kept]
         self._trim()
@@ -120,9 +125,10 @@ class SlotBatch:
 
 
 def prefill_slots(
-    model: CausalLM, prompts: Sequence[Sequence[int]], rows: list[int]
+    model: CausalLM, prompts: Sequence[Sequence[int]], rows: list[int], state: SamplerState
 ) -> tuple[SlotBatch, torch.Tensor]:
-    """Newcomers' prompts through the model in one left-padded batch: their slots and first-token logits."""
+    """Newcomers' prompts through the model in one left-padded batch: their slots (starting from sampler
+    ``state``, one entry per newcomer) and first-token logits."""
     tokens, mask = left_pad(prompts, PAD, model.device)
     cache = model.new_cache()
     logits = model.forward(tokens.clamp(min=0), cache, mask, last_positions=1)[:, -1]
@@ -130,11 +136,26 @@ def prefill_slots(
         rows=list(rows),
         tokens=tokens,
         generated=torch.zeros(len(rows), dtype=torch.long, device=tokens.device),
+        state=state,
         live=[True] * len(rows),
         cache=cache,
         editable=kv_rows.row_editable(cache),
     )
     return slots, logits
+
+
+def _cat_states(first: SamplerState, second: SamplerState) -> SamplerState:
+    """The per-row states of two slot batches, stacked (every per-row tensor field; None stays None).
+
+    >>> joined = _cat_states(SamplerState(torch.tensor([1.0])), SamplerState(torch.tensor([2.0, 3.0])))
+    >>> joined.mu.tolist(), _cat_states(SamplerState(), SamplerState()).mu
+    ([1.0, 2.0, 3.0], None)
+    """
+    stacked = {}
+    for item in fields(first):
+        mine, theirs = getattr(first, item.name), getattr(second, item.name)
+        stacked[item.name] = None if mine is None else torch.cat([mine, theirs.to(mine.device)])
+    return replace(first, **stacked)
 
 
 def _cat_right_aligned(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
