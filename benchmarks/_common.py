@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from rtdlm_experiments.markdown import markdown_table as markdown_table  # re-exported for the bench scripts
 from rtdlm_experiments.models import HFCausalLM
 from sampling import ORDERS, SamplingConfig
 from sampling._numeric import ratio as ratio  # re-exported: the bench scripts import it from here
@@ -263,10 +264,3 @@ def same_tokens(timing: Timing, reference: Timing) -> str:
 def fmt(value: float, digits: int = 2, suffix: str = "") -> str:
     """``value`` rounded, or ``n/a`` for NaN."""
     return "n/a" if value != value else f"{value:.{digits}f}{suffix}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A GitHub-flavoured markdown table of already formatted cells."""
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from rtdlm_experiments import compare, tracking
+from rtdlm_experiments.markdown import markdown_table
 from rtdlm_experiments.metric_names import plain_metrics, resolve_metric, value_range
 from rtdlm_experiments.results import (
     JOB_TAG,
@@ -115,11 +116,10 @@ def to_markdown(table: pd.DataFrame, float_digits: int = 3) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.{float_digits}f}"
-        return "" if value is None else str(value).replace("|", "\\|")
+        return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    rows = [[cell(value) for value in row] for row in table.itertuples(index=False)]
+    return markdown_table([str(column) for column in table.columns], rows) + "\n"
 
 
 def plot_summary(table: pd.DataFrame, path: Path) -> Path:

@@ -1,0 +1,158 @@
+"""A job's inputs, validated: composed config → `JobSpec`, before anything heavy happens.
+
+`prepare_job` checks every value without loading a model, so a bad override fails in a second with one
+line naming the field and the allowed range (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
+
+from rtdlm_experiments.evaluation import ExecutionSettings, check_code_execution, execution_settings
+from rtdlm_experiments.models import ModelPreparationError, validate_model_config
+from rtdlm_experiments.prompt_sets import Prompt, load_prompts, stop_strings
+from rtdlm_experiments.schema import ConfigError
+from sampling import SamplingConfig, get_preset
+from sampling.decoding.speculation_policy import POLICIES
+
+TRACKING_BACKENDS = ("mlflow", "none")
+
+_POSITIVE_DECODER_FIELDS = ("num_draft_tokens", "max_ngram", "exit_layer")
+DRAFT_MODEL_KEY = "draft_model"
+"""A decoder config field naming a model config: the app loads it next to the target and passes the
+loaded model under this keyword."""
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job's inputs, validated: what `run_job` needs and nothing it would have to check again."""
+
+    sampling: SamplingConfig
+    model: dict[str, Any]
+    decoder: dict[str, Any]
+    prompts: list[Prompt]
+    chat_template: bool
+    seed: int
+    max_new_tokens: int
+    num_samples: int
+    batch_size: int
+    stop_strings: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    judge_model: str | None = None
+    judge_batch_size: int = 4
+
+
+def sampling_config(cfg: Mapping[str, Any], seed: int | None = None) -> SamplingConfig:
+    """The preset named by ``cfg["preset"]`` with every non-null field of ``cfg`` overriding it.
+
+    Hydra's lists and mappings (``order``, ``dry_sequence_breakers``, ``logit_bias``) become plain ones;
+    an ``order`` that is neither a list nor a string (``sampling.order=5``) is read as an order's name,
+    so it fails as an unknown one.
+
+    >>> sampling_config({"preset": "precise", "order": ["top_k", "temperature"], "top_p": None}).order
+    ('top_k', 'temperature')
+    """
+    overrides = {
+        key: OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        for key, value in cfg.items()
+        if key != "preset" and value is not None
+    }
+    if "order" in overrides and not isinstance(overrides["order"], str | list | tuple):
+        overrides["order"] = str(overrides["order"])
+    try:
+        return get_preset(cfg["preset"], **overrides, seed=seed)
+    except ValueError as err:
+        message = str(err)
+        if message.startswith("unknown sampling preset"):
+            message = f"sampling.preset={cfg['preset']!r} is invalid: {message}"
+        raise ConfigError(message) from err
+
+
+def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
+    """Checks of a ``decoder`` config that need no model (the schema already checked types): its
+    ``_target_`` names a class, its counts are positive and its draft model config is valid."""
+    for key in _POSITIVE_DECODER_FIELDS:
+        if key in cfg and cfg[key] < 1:
+            raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
+    if "policy" in cfg and cfg["policy"] not in POLICIES:
+        allowed = ", ".join(POLICIES)
+        raise ConfigError(f"decoder.policy={cfg['policy']!r} is invalid: must be one of {allowed}")
+    try:
+        get_class(cfg["_target_"])
+    except Exception as err:
+        raise ConfigError(f"decoder._target_={cfg['_target_']!r} is invalid: {_first_line(err)}") from err
+    if DRAFT_MODEL_KEY in cfg:
+        validate_model(cfg[DRAFT_MODEL_KEY], field_name=f"decoder.{DRAFT_MODEL_KEY}")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
+def prepare_job(cfg: DictConfig) -> JobSpec:
+    """Validate a composed config into a `JobSpec`; raises `ConfigError` naming the first bad field."""
+    for key in ("max_new_tokens", "num_samples", "batch_size"):
+        if cfg[key] < 1:
+            raise ConfigError(f"{key}={cfg[key]} is invalid: must be >= 1")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed={cfg.seed} is invalid: must be >= 0")
+    if cfg.tracking.backend not in TRACKING_BACKENDS:
+        raise ConfigError(
+            f"tracking.backend={cfg.tracking.backend!r} is invalid: must be one of {TRACKING_BACKENDS}"
+        )
+    if cfg.tracking.parent_run_id and cfg.tracking.backend != "mlflow":
+        raise ConfigError(
+            f"tracking.parent_run_id={cfg.tracking.parent_run_id!r} is invalid: resuming needs MLflow"
+        )
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    validate_model(model_cfg, field_name="model")
+    decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
+    validate_decoder_config(decoder_cfg)
+    prompts = load_prompts(cfg.prompts)
+    execution = execution_settings(cfg.get("eval") or {})
+    check_code_execution(prompts, execution)
+    judge = cfg.get("judge") or {}
+    if judge.get("model") is not None:
+        validate_model(judge["model"], field_name="judge.model")
+    if judge.get("batch_size", 1) < 1:
+        raise ConfigError(f"judge.batch_size={judge['batch_size']} is invalid: must be >= 1")
+    return JobSpec(
+        sampling=sampling_config(cfg.sampling, seed=cfg.seed),
+        model=model_cfg,
+        decoder=decoder_cfg,
+        prompts=prompts,
+        chat_template=cfg.prompts.chat_template,
+        seed=cfg.seed,
+        max_new_tokens=cfg.max_new_tokens,
+        num_samples=cfg.num_samples,
+        batch_size=cfg.batch_size,
+        stop_strings=stop_strings(cfg.prompts),
+        ignore_eos=bool(cfg.get("ignore_eos", False)),
+        execution=execution,
+        judge_model=judge.get("model"),
+        judge_batch_size=judge.get("batch_size", 4),
+    )
+
+
+def validate_model(model_cfg: Mapping[str, Any] | str, field_name: str) -> None:
+    try:
+        validate_model_config(model_cfg)
+    except (ValueError, TypeError, ModelPreparationError) as err:
+        message = str(err).strip("'\"")
+        raise ConfigError(message if field_name in message else f"{field_name}: {message}") from err
+
+
+def resolved_config(cfg: DictConfig, spec: JobSpec) -> dict[str, Any]:
+    """The composed config as plain data, with ``sampling`` holding every effective field (the preset's
+    values filled in), so it describes the job without needing `sampling.PRESETS`."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    sampling = asdict(spec.sampling)
+    sampling.pop("seed")  # the job's seed, already at the top level
+    config["sampling"] = {"preset": cfg.sampling.preset, **sampling}
+    return config
