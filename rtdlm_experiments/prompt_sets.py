@@ -67,17 +67,22 @@ def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
 
 def stop_strings(cfg: Mapping[str, Any]) -> tuple[str, ...]:
     """The stop strings of a ``prompts`` config: its ``stop_strings``, or when that is null the set's own
-    (HumanEval continued raw: where the function ends; every other set: none).
+    (HumanEval continued raw: where the function ends; HumanEval as a chat: where the reply's code block
+    closes; every other set: none).
 
     >>> stop_strings({"name": "default", "stop_strings": ["\\n\\n"]}), stop_strings({"name": "default"})
     (('\\n\\n',), ())
     >>> "\\ndef " in stop_strings({"name": "humaneval", "chat_template": False})
     True
+    >>> stop_strings({"name": "humaneval", "chat_template": True})
+    ('\\n```\\n',)
     """
     configured = cfg.get("stop_strings")
     if configured is None:
-        raw_humaneval = cfg["name"] == HUMANEVAL_SOURCE and not cfg.get("chat_template", True)
-        return humaneval.STOP_SEQUENCES if raw_humaneval else ()
+        if cfg["name"] != HUMANEVAL_SOURCE:
+            return ()
+        chat = cfg.get("chat_template", True)
+        return humaneval.CHAT_STOP_SEQUENCES if chat else humaneval.STOP_SEQUENCES
     strings = tuple(configured)
     if not all(isinstance(string, str) and string for string in strings):
         raise ConfigError(f"prompts.stop_strings={list(strings)!r} is invalid: must be non-empty strings")

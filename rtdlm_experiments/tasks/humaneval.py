@@ -24,6 +24,9 @@ TASK_PREFIX = "HumanEval/"
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\n```", "\nprint(", "\nassert ", "\n#")
 """Where a continuation leaves the function: a new top-level statement or a closing fence (the body's own
 lines are indented, so they never match)."""
+CHAT_STOP_SEQUENCES = ("\n```\n",)
+"""Where a chat reply's code block closes: the explanation after it costs tokens and is never scored (the
+cut block stays extractable: an unclosed fence runs to the end)."""
 CHAT_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function, including the signature, "
     "in a single ```python code block."
