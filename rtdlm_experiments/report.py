@@ -130,29 +130,58 @@ def plot_summary(table: pd.DataFrame, path: Path) -> Path:
 
 
 def summary_figure(table: pd.DataFrame) -> Figure:
-    """Diversity vs repetition (distinct-2 against seq-rep-4) plus speedup bars when some run has a
-    speedup. Every run has a number and a colour: the points and bars carry the numbers (nearby points
-    share one label), the key below the plots maps each number to the full run name. Axes cover each
-    metric's possible range (`axis_limits`); ``<m>_ci_low``/``<m>_ci_high`` columns become error bars.
-    The key is the last axes' legend."""
+    """Diversity vs repetition (distinct-2 against seq-rep-4), quality vs diversity when the runs have a
+    quality metric (`quality_metric`), and speedup bars when some run has a speedup. Every run has a
+    number and a colour: the points and bars carry the numbers (nearby points share one label), the key
+    below the plots maps each number to the full run name. Axes cover each metric's possible range
+    (`axis_limits`); ``<m>_ci_low``/``<m>_ci_high`` columns become error bars."""
     from matplotlib.figure import Figure  # the object API renders with Agg, no display or pyplot state
     from matplotlib.lines import Line2D
 
     table = table.reset_index(drop=True)
     runs = _run_styles(table)
+    quality = quality_metric(table)
     has_speedup = "speedup" in table and table["speedup"].notna().any()
+    panels = 1 + (quality is not None) + has_speedup
     key_height = 0.4 + 0.2 * len(table)
-    figure = Figure(figsize=(12 if has_speedup else 7, 4.5 + key_height), layout="constrained")
-    grid = figure.add_gridspec(2, 2 if has_speedup else 1, height_ratios=[4.5, key_height])
-    _plot_frontier(figure.add_subplot(grid[0, 0]), table, runs)
+    figure = Figure(figsize=(1 + 5.5 * panels, 4.5 + key_height), layout="constrained")
+    grid = figure.add_gridspec(2, panels, height_ratios=[4.5, key_height])
+    _plot_scatter(figure.add_subplot(grid[0, 0]), table, runs, _FRONTIER, "Diversity vs repetition")
+    if quality is not None:
+        _plot_scatter(
+            figure.add_subplot(grid[0, 1]), table, runs, ("distinct_2", quality), "Quality vs diversity"
+        )
     if has_speedup:
-        _plot_speedup(figure.add_subplot(grid[0, 1]), table, runs)
+        _plot_speedup(figure.add_subplot(grid[0, panels - 1]), table, runs)
     key = figure.add_subplot(grid[1, :])
     key.axis("off")
     handles = [Line2D([], [], color=style["color"], marker=style["marker"], linestyle="") for style in runs]
     labels = [f"{style['number']}  {name}" for style, name in zip(runs, table["run"], strict=True)]
     key.legend(handles, labels, loc="upper left", fontsize=8, frameon=False, title="runs", alignment="left")
     return figure
+
+
+QUALITY_METRICS = ("pass_at_1", "contains_answer", "exact_match", "judge_perplexity")
+"""Quality metrics in order of preference for the summary plot."""
+
+
+def quality_metric(table: pd.DataFrame) -> str | None:
+    """The first of `QUALITY_METRICS` that some run has, or None.
+
+    >>> quality_metric(pd.DataFrame({"distinct_2": [0.5], "contains_answer": [0.25]}))
+    'contains_answer'
+    """
+    return next((m for m in QUALITY_METRICS if m in table and table[m].notna().any()), None)
+
+
+_AXIS_LABELS = {
+    "distinct_2": "distinct-2 (higher = more diverse)",
+    "seq_rep_4": "seq-rep-4 (lower = less repetition)",
+    "judge_perplexity": "judge perplexity (lower = better)",
+    "pass_at_1": "pass@1 (higher = better)",
+    "contains_answer": "contains the answer (higher = better)",
+    "exact_match": "exact match (higher = better)",
+}
 
 
 _MARKERS = "osD^vP*Xh<>"
@@ -196,15 +225,17 @@ def axis_limits(metric: str, values: Sequence[float]) -> tuple[float | None, flo
     return (bottom - margin if low is not None else None), top + margin
 
 
-def _plot_frontier(axis: Any, table: pd.DataFrame, runs: list[dict[str, str]]) -> None:
-    x_metric, y_metric = _FRONTIER
-    axis.set(xlabel="distinct-2 (higher = more diverse)", ylabel="seq-rep-4 (lower = less repetition)")
-    if not set(_FRONTIER) <= set(table.columns):
-        axis.set_title("no diversity metrics")
+def _plot_scatter(
+    axis: Any, table: pd.DataFrame, runs: list[dict[str, str]], metrics: tuple[str, str], title: str
+) -> None:
+    x_metric, y_metric = metrics
+    axis.set(xlabel=_AXIS_LABELS.get(x_metric, x_metric), ylabel=_AXIS_LABELS.get(y_metric, y_metric))
+    if not set(metrics) <= set(table.columns):
+        axis.set_title(f"no {' / '.join(m for m in metrics if m not in table.columns)}")
         return
-    axis.set_title("Diversity vs repetition")
+    axis.set_title(title)
     x_error, y_error = _error(table, x_metric), _error(table, y_metric)
-    plotted = table.dropna(subset=list(_FRONTIER))
+    plotted = table.dropna(subset=list(metrics))
     for index in plotted.index:
         axis.errorbar(
             table.at[index, x_metric],
@@ -218,7 +249,7 @@ def _plot_frontier(axis: Any, table: pd.DataFrame, runs: list[dict[str, str]]) -
         )
     x_limits = axis_limits(x_metric, _with_bounds(table, x_metric))
     y_limits = axis_limits(y_metric, _with_bounds(table, y_metric))
-    for members in _nearby_groups(plotted, x_limits, y_limits):
+    for members in _nearby_groups(plotted, metrics, x_limits, y_limits):
         label = ",".join(runs[index]["number"] for index in members)
         point = (plotted.at[members[0], x_metric], plotted.at[members[0], y_metric])
         axis.annotate(label, point, fontsize=8, xytext=(6, 4), textcoords="offset points")
@@ -234,16 +265,19 @@ def _with_bounds(table: pd.DataFrame, metric: str) -> list[float]:
 
 
 def _nearby_groups(
-    rows: pd.DataFrame, x_limits: tuple[float | None, float], y_limits: tuple[float | None, float]
+    rows: pd.DataFrame,
+    metrics: tuple[str, str],
+    x_limits: tuple[float | None, float],
+    y_limits: tuple[float | None, float],
 ) -> list[list[int]]:
     """Row indices grouped so that points within `_LABEL_MERGE_FRACTION` of the axis spans share a label."""
     x_span = x_limits[1] - (x_limits[0] or 0.0) or 1.0
     y_span = y_limits[1] - (y_limits[0] or 0.0) or 1.0
     groups: list[list[int]] = []
     for index in rows.index:
-        x, y = rows.at[index, _FRONTIER[0]], rows.at[index, _FRONTIER[1]]
+        x, y = rows.at[index, metrics[0]], rows.at[index, metrics[1]]
         for group in groups:
-            gx, gy = rows.at[group[0], _FRONTIER[0]], rows.at[group[0], _FRONTIER[1]]
+            gx, gy = rows.at[group[0], metrics[0]], rows.at[group[0], metrics[1]]
             if (
                 abs(x - gx) <= _LABEL_MERGE_FRACTION * x_span
                 and abs(y - gy) <= _LABEL_MERGE_FRACTION * y_span

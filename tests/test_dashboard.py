@@ -223,6 +223,18 @@ def test_every_run_has_its_own_entry_in_the_plot_key_even_with_a_long_common_pre
     assert report.plot_summary(table, tmp_path / "p.png").stat().st_size > 0
 
 
+def test_quality_gets_its_own_panel_next_to_diversity_with_error_bars():
+    table = pd.DataFrame({
+        "run": ["a", "b"], "preset": "balanced", "distinct_2": [0.4, 0.8], "seq_rep_4": [0.2, 0.1],
+        "pass_at_1": [0.5, 0.3], "pass_at_1_ci_low": [0.4, 0.2], "pass_at_1_ci_high": [0.6, 0.4],
+    })  # fmt: skip
+    figure = report.summary_figure(table)
+    _, quality, _ = figure.axes
+    assert quality.get_title() == "Quality vs diversity" and quality.get_ylabel().startswith("pass@1")
+    assert len(quality.containers) == 2  # one error-bar container per run
+    assert len(report.summary_figure(table.drop(columns=["pass_at_1"])).axes) == 2  # no quality, no panel
+
+
 def test_axis_limits_respect_the_metric_range():
     assert report.axis_limits("seq_rep_4", [0.0, 0.0])[0] < 0 < 1 < report.axis_limits("seq_rep_4", [0.0])[1]
     assert report.axis_limits("zipf_coefficient", [-0.5, 1.0])[0] is None
