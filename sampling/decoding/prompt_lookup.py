@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sampling.decoding.base import CausalLM
@@ -47,16 +49,9 @@ class PromptLookupDecoder(DraftVerifyDecoder):
     """Drafts are point masses (q = 1 at the copied token), so a draft x is accepted with probability
     p(x) and a rejection resamples from p with x removed: still exactly the target's distribution."""
 
-    def __init__(
-        self,
-        max_ngram: int = 3,
-        num_draft_tokens: int = 4,
-        adaptive: bool = False,
-        keep_stop_token: bool = False,
-        truncate_prompts: bool = False,
-        policy: str | None = None,
-    ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
+    def __init__(self, max_ngram: int = 3, num_draft_tokens: int = 4, **options: Any) -> None:
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        super().__init__(num_draft_tokens, **options)
         if max_ngram < 1:
             raise ValueError(f"max_ngram={max_ngram} is invalid: must be >= 1")
         self.max_ngram = max_ngram

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from sampling.decoding.base import CausalLM, EarlyExitLM
@@ -65,16 +67,9 @@ class SelfSpeculativeDecoder(DraftVerifyDecoder):
     first E layers are never recomputed. The acceptance rule is the usual one, so output is lossless.
     """
 
-    def __init__(
-        self,
-        exit_layer: int,
-        num_draft_tokens: int = 4,
-        adaptive: bool = False,
-        keep_stop_token: bool = False,
-        truncate_prompts: bool = False,
-        policy: str | None = None,
-    ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
+    def __init__(self, exit_layer: int, num_draft_tokens: int = 4, **options: Any) -> None:
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        super().__init__(num_draft_tokens, **options)
         if exit_layer < 1:
             raise ValueError(f"exit_layer={exit_layer} is invalid: must be >= 1")
         self.exit_layer = exit_layer

@@ -64,16 +64,9 @@ class SpeculativeDecoder(DraftVerifyDecoder):
     is ``policy="heuristic"``: γ grows by 2 after a round where every draft passed and shrinks by 1
     otherwise (HF's heuristic)."""
 
-    def __init__(
-        self,
-        draft_model: CausalLM,
-        num_draft_tokens: int = 4,
-        adaptive: bool = False,
-        keep_stop_token: bool = False,
-        truncate_prompts: bool = False,
-        policy: str | None = None,
-    ) -> None:
-        super().__init__(num_draft_tokens, adaptive, keep_stop_token, truncate_prompts, policy)
+    def __init__(self, draft_model: CausalLM, num_draft_tokens: int = 4, **options: Any) -> None:
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        super().__init__(num_draft_tokens, **options)
         self.draft_model = draft_model
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftModelSession:
