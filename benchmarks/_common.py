@@ -127,32 +127,50 @@ def hf_generate(
     config: SamplingConfig,
     max_new_tokens: int,
     seed: int = 0,
+    stop_at_eos: bool = False,
     **extra: Any,
 ) -> list[list[int]]:
-    """HF `model.generate` on a left-padded batch; exactly ``max_new_tokens`` new tokens per row (no EOS).
+    """HF `model.generate` on a left-padded batch: exactly ``max_new_tokens`` new tokens per row, or with
+    ``stop_at_eos`` rows that end at the model's EOS (each cut before it).
 
     ``extra`` goes to `generate` as is (``assistant_model=``, ``prompt_lookup_num_tokens=``, ...).
     """
     tokenizer = model.tokenizer
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = list(model.eos_token_ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     input_ids, attention_mask = left_pad(prompt_ids, pad)
     width = input_ids.shape[1]
+    exact = {"eos_token_id": None, "min_new_tokens": max_new_tokens}
+    length = {"eos_token_id": eos} if stop_at_eos else exact
     torch.manual_seed(seed)
     with torch.inference_mode():
         out = model.model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            eos_token_id=None,
             pad_token_id=pad,
+            **length,
             **hf_sampling_kwargs(config),
             **extra,
         )
     new = out[:, width:].tolist()
+    if stop_at_eos:
+        return [until_stop(row, set(eos)) for row in new]
     if any(len(row) != max_new_tokens for row in new):
         raise RuntimeError(f"HF generated {[len(r) for r in new]} tokens, expected {max_new_tokens} per row")
     return new
+
+
+def until_stop(row: list[int], stops: set[int]) -> list[int]:
+    """``row`` up to (not including) its first stop token.
+
+    >>> until_stop([5, 6, 0, 0], {0})
+    [5, 6]
+    """
+    for index, token in enumerate(row):
+        if token in stops:
+            return row[:index]
+    return row
 
 
 # -- alternating timing ------------------------------------------------------------------------------------

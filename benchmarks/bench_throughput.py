@@ -39,7 +39,6 @@ from _common import (
     encode_prompts,
     fmt,
     hf_generate,
-    hf_sampling_kwargs,
     markdown_table,
     print_header,
     progress,
@@ -52,7 +51,6 @@ from rtdlm_experiments.models import HFCausalLM, load_model
 from rtdlm_experiments.prompt_sets import load_prompts
 from sampling import PRESETS, SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder, merge_outputs
-from sampling.decoding.base import left_pad
 
 GOAL = 1.3
 """Minimum refill speedup over static batching and over HF when lengths vary (issue 13)."""
@@ -109,44 +107,14 @@ def static_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
 
 
 def hf_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> GenerationPath:
-    generate = hf_generate if ignore_eos else hf_generate_until_eos
     seed = job.config.seed or 0
     return lambda n: Result(
-        [row for part in chunks(job, size) for row in generate(model, job.prompts[part], job.config, n, seed)]
+        [
+            row
+            for part in chunks(job, size)
+            for row in hf_generate(model, job.prompts[part], job.config, n, seed, stop_at_eos=not ignore_eos)
+        ]
     )
-
-
-def hf_generate_until_eos(
-    model: HFCausalLM, prompt_ids: list[list[int]], config: SamplingConfig, max_new_tokens: int, seed: int = 0
-) -> list[list[int]]:
-    """HF `generate` on a left-padded batch that stops rows at the model's EOS; each row cut before it."""
-    tokenizer = model.tokenizer
-    eos = list(model.eos_token_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    input_ids, attention_mask = left_pad(prompt_ids, pad)
-    torch.manual_seed(seed)
-    with torch.inference_mode():
-        out = model.model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            **hf_sampling_kwargs(config),
-        )
-    return [_until(row, set(eos)) for row in out[:, input_ids.shape[1] :].tolist()]
-
-
-def _until(row: list[int], stops: set[int]) -> list[int]:
-    """``row`` up to (not including) its first stop token.
-
-    >>> _until([5, 6, 0, 0], {0})
-    [5, 6]
-    """
-    for index, token in enumerate(row):
-        if token in stops:
-            return row[:index]
-    return row
 
 
 @dataclass
