@@ -33,13 +33,16 @@ import torch
 from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, logsumexp, mirostat_update
-from sampling.stages.chain import STAGES, ChainContext, run_chain, split_chain
-from sampling.stages.select import CHUNK_STREAM, chunked_race, greedy, top_candidates
+from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
+from sampling.stages.common import softmax_summary
+from sampling.stages.select import CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 8
 _MAX_CANDIDATES = 4096
 _DENSE_BLOCK_ELEMENTS = 1 << 20
+_THRESHOLD_CHUNKS = 1024
+"""Rows whose first filter keeps tokens in more chunks than this take the whole-row chain instead."""
 XTC_STREAM = 7
 """Noise stream of XTC's coin (the decoders use 1-3)."""
 
@@ -187,13 +190,13 @@ class TokenSampler:
         candidates = self._candidates(modified, history, generated, mu, coin)
         winner = _race(candidates, seeds, steps).unsqueeze(1)
         tokens = candidates.ids.gather(1, winner).squeeze(1)
-        log_probs = candidates.log_probs()
-        token_logprobs = log_probs.gather(1, winner).squeeze(1)
-        kept = torch.isfinite(candidates.logits)
-        entropy = -torch.where(kept, log_probs.exp() * log_probs, 0.0).sum(1)
+        final = candidates.logits
+        log_total, entropy = softmax_summary(final)
+        token_logprobs = (final.gather(1, winner).squeeze(1) - log_total).to(final.dtype)
+        num_kept = (final > NEG_INF).sum(1)
         new_state = self._advanced(state, mu, token_logprobs)
         return SampleOutput(
-            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy, kept.sum(1), new_state
+            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy.to(final.dtype), num_kept, new_state
         )
 
     def advance_state(
@@ -254,6 +257,7 @@ class TokenSampler:
         ids = final = None
         narrow_width = width
         stats: dict = {}  # whole-row statistics, computed once for every row
+        by_threshold = first in THRESHOLDS and vocab > _MAX_CANDIDATES
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
             rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
@@ -261,7 +265,6 @@ class TokenSampler:
                 cand_ids, row_final = _all_ids(rows), self._dense(rows, None, None, rows_mu, rows_coin)
                 decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
             else:
-                values, cand_ids = top_candidates(rows, width)
                 ctx = ChainContext(
                     config,
                     full=rows,
@@ -271,7 +274,18 @@ class TokenSampler:
                     stats=stats,
                     rows=pending,
                 )
+                if by_threshold:  # the first filter's cut from row statistics: its survivors, in one pass
+                    hint = ChainContext(config, full=rows, mu=rows_mu, stats=stats)
+                    values, cand_ids, count, fits = candidates_above(
+                        rows, first_threshold(rest, hint), _THRESHOLD_CHUNKS
+                    )
+                    ctx.last = (count - 1).clamp_(min=0).unsqueeze(1)
+                    width = values.shape[1]
+                else:
+                    values, cand_ids = top_candidates(rows, width)
                 row_final, decided = run_chain(values, rest, ctx)
+                if by_threshold:
+                    decided &= fits
             if pending is None and bool(decided.all()):  # the common case: one pass decides every row
                 return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)
             if pending is None:
@@ -292,7 +306,7 @@ class TokenSampler:
                     wide[done] = True  # the rows this pass over the whole vocabulary decided
                 return Candidates(ids, final, wide, narrow_width)
             rows = modified[pending]
-            width = width * _GROWTH
+            width = vocab if by_threshold else width * _GROWTH
             width = vocab if width > _MAX_CANDIDATES or width * 4 > vocab else width
 
     def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:

@@ -11,6 +11,7 @@ Adding a stage = one pure function (in this package) + one `STAGES` entry + its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from sampling.processors import (
     typical_filter,
     xtc_filter,
 )
-from sampling.stages.common import entropy, logsumexp
+from sampling.stages.common import softmax_summary
 from sampling.stages.filters import finite_std
 
 
@@ -57,6 +58,8 @@ class ChainContext:
     stats: dict[tuple[str, int], torch.Tensor] | None = None
     """Whole-row statistics of every row, shared by the passes of one candidate search (rows ``rows``)."""
     rows: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+    """[B, 1] column of each row's last real candidate when rows are padded (None: the last column)."""
     _scaled: torch.Tensor | None = field(default=None, repr=False)
     _rescales: int = 0
 
@@ -79,10 +82,15 @@ class ChainContext:
     def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
         if self.full is None:
             return None
-        return self._stat("log_total", values, lambda row: logsumexp(row).double())
+        return self._stat("summary", values, lambda row: torch.stack(softmax_summary(row), -1))[..., 0]
+
+    def top(self, values: torch.Tensor) -> torch.Tensor:
+        return self._stat("max", values, lambda row: row.amax(-1).double())
 
     def entropy(self, values: torch.Tensor) -> torch.Tensor:
-        return self._stat("entropy", values, entropy)
+        if self.full is None:
+            return softmax_summary(values)[1]
+        return self._stat("summary", values, lambda row: torch.stack(softmax_summary(row), -1))[..., 1]
 
     def count(self, values: torch.Tensor) -> torch.Tensor:
         return self._stat("count", values, lambda row: torch.isfinite(row).sum(-1))
@@ -193,6 +201,42 @@ def run_chain(
         stage = STAGES[name]
         values = stage.apply(values, ctx)
         if stage.kind != "scale" and ctx.full is not None:
-            decided = torch.isinf(values[:, -1])
+            last = values[:, -1] if ctx.last is None else values.gather(1, ctx.last).squeeze(1)
+            decided = torch.isinf(last)
             ctx.full = None
     return values, decided
+
+
+def _eta_cut(ctx: ChainContext, row: torch.Tensor) -> torch.Tensor:
+    eta = ctx.config.eta_cutoff
+    cutoff = torch.clamp(math.sqrt(eta) * torch.exp(-ctx.entropy(row)), max=eta)
+    return ctx.log_total(row) + cutoff.log()
+
+
+THRESHOLDS: dict[str, Callable[[ChainContext, torch.Tensor], torch.Tensor]] = {
+    "min_p": lambda ctx, row: ctx.top(row) + math.log(ctx.config.min_p),
+    "epsilon": lambda ctx, row: ctx.log_total(row) + math.log(ctx.config.epsilon_cutoff),
+    "eta": _eta_cut,
+    "mirostat": lambda ctx, row: ctx.log_total(row) - ctx.mu.double() * math.log(2.0),
+    "top_n_sigma": lambda ctx, row: ctx.top(row) - ctx.config.top_n_sigma * ctx.sigma(row),
+}
+"""Upper-set filters whose cut is a value threshold from whole-row statistics: t with kept ⇔ value ≥ t."""
+_MARGIN = 1e-5
+"""Relative slack of `first_threshold`: the filter itself decides; the hint only has to hold its kept set."""
+
+
+def first_threshold(stages: tuple[str, ...], ctx: ChainContext) -> torch.Tensor | None:
+    """A float32 [B] lower bound on the values the first filter of ``stages`` keeps in the scaled whole
+    rows (``ctx.full`` after the leading scale stages, which this applies to ``ctx``), or None when the
+    first filter is not in `THRESHOLDS`. The bound has a little slack for rounding."""
+    for name in stages:
+        if STAGES[name].kind != "scale":
+            break
+        STAGES[name].apply(ctx.full[:, :1], ctx)
+    else:
+        return None
+    if name not in THRESHOLDS:
+        return None
+    row = ctx._row()
+    cut = torch.minimum(THRESHOLDS[name](ctx, row), ctx.top(row))
+    return (cut - _MARGIN * (1.0 + cut.abs())).float()

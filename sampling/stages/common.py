@@ -25,15 +25,32 @@ def logsumexp(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(logits: torch.Tensor, log_total: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy in nats of ``softmax(logits)`` per row (float64), ``log_total`` its log-normalizer if known.
+    """Entropy in nats of ``softmax(logits)`` per row (float64); ``log_total`` is accepted for symmetry
+    with the filters and not needed (`softmax_summary` finds the normalizer in the same pass).
 
     >>> entropy(torch.tensor([[0.0, 0.0, float("-inf")]]))
     tensor([0.6931], dtype=torch.float64)
     """
-    values = logits.double()
-    log_total = logsumexp(values) if log_total is None else log_total.double()
-    log_probs = values - log_total.unsqueeze(-1)
-    return -torch.where(torch.isfinite(values), log_probs.exp() * log_probs, 0.0).sum(-1)
+    return softmax_summary(logits)[1]
+
+
+def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-normalizer, entropy in nats) of ``softmax(logits)`` per row, both float64 ``[B]``.
+
+    One exp pass in the logits' dtype; the sums run in float64. With d = logit − max and Z = Σ e^d:
+    log-normalizer = max + log Z, H = log Z − Σ e^d·d / Z (dropped tokens have e^d = 0).
+
+    >>> softmax_summary(torch.tensor([[0.0, 0.0, float("-inf")]]))
+    (tensor([0.6931], dtype=torch.float64), tensor([0.6931], dtype=torch.float64))
+    """
+    lowest = torch.finfo(logits.dtype).min
+    top = logits.amax(dim=-1, keepdim=True).clamp_(min=lowest)
+    shifted = (logits - top).clamp_(min=lowest)  # -inf → a finite floor: e^d = 0 and e^d·d = 0, not NaN
+    weights = shifted.exp()
+    total = weights.sum(-1, dtype=torch.float64)
+    weighted = weights.mul_(shifted).sum(-1, dtype=torch.float64)
+    log_z = total.log()
+    return top.squeeze(-1).double() + log_z, log_z - weighted / total
 
 
 def keep_or_most_likely(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

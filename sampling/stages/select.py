@@ -80,3 +80,38 @@ def chunked_race(
     columns = columns.clamp(max=vocab - 1)
     window = logits.gather(1, columns).masked_fill(~inside, NEG_INF)
     return columns.gather(1, noise.race_argmax(window, keys, columns).unsqueeze(1)).squeeze(1)
+
+
+def candidates_above(
+    logits: torch.Tensor, threshold: torch.Tensor, max_chunks: int | None = None, chunk: int = CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top n + 1 tokens of each row, n = #{logit ≥ ``threshold``} ([B]), sorted descending: (values
+    [B, W], ids [B, W], count [B] = n + 1 or the row's length, fits [B]); columns past a row's count are
+    padding (``-inf``). Rows with more than ``max_chunks`` chunks reaching the threshold do not fit:
+    they get their maximum only and ``fits`` False.
+
+    Only the chunks whose maximum reaches the threshold, and the best one below it, can hold those
+    tokens: one ``amax`` pass and a top-k over those chunks replace a top-k over the row.
+
+    >>> candidates_above(torch.tensor([[0.0, 3.0, 1.0, 2.0, 2.0]]), torch.tensor([2.5]), chunk=2)
+    (tensor([[3., 2.]]), tensor([[1, 3]]), tensor([2]), tensor([True]))
+    """
+    batch, vocab = logits.shape
+    ragged = -vocab % chunk
+    padded = torch.nn.functional.pad(logits, (0, ragged), value=NEG_INF) if ragged else logits
+    chunked = padded.view(batch, -1, chunk)
+    chunk_max = chunked.amax(dim=2)
+    threshold = threshold.view(-1, 1)
+    reaching = (chunk_max >= threshold).sum(1)
+    fits = torch.ones_like(reaching, dtype=torch.bool) if max_chunks is None else reaching <= max_chunks
+    if not bool(fits.all()):
+        threshold = torch.where(fits.view(-1, 1), threshold, float("inf"))
+        reaching = (chunk_max >= threshold).sum(1)
+    num_chunks = min(int(reaching.max()) + 1, chunk_max.shape[1])
+    best = torch.topk(chunk_max, num_chunks, dim=1).indices
+    gathered = chunked.gather(1, best.unsqueeze(2).expand(-1, -1, chunk)).reshape(batch, -1)
+    ids = (best.unsqueeze(2) * chunk + torch.arange(chunk, device=logits.device)).reshape(batch, -1)
+    count = ((gathered >= threshold).sum(1) + 1).clamp_(max=vocab)
+    values, positions = torch.topk(gathered, int(count.max()), dim=1)
+    padding = torch.arange(values.shape[1], device=logits.device) >= count.unsqueeze(1)
+    return values.masked_fill(padding, NEG_INF), ids.gather(1, positions).clamp_(max=vocab - 1), count, fits
