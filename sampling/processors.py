@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sampling.stages.common import NEG_INF, logsumexp, mass_threshold
+from sampling.stages.common import NEG_INF, keep_at_least, logsumexp, mass_threshold
 from sampling.stages.filters import (
     dynamic_temperature,
     epsilon_filter,
@@ -158,7 +158,7 @@ def top_p_filter(
     if top_p >= 1.0:
         return logits
     if not sorted_desc and log_total is None:
-        return logits.masked_fill(logits < mass_threshold(logits, logits, top_p), NEG_INF)
+        return keep_at_least(logits, mass_threshold(logits, logits, top_p))
     values = logits.double()
     if not sorted_desc:
         values = torch.sort(values, dim=-1, descending=True).values

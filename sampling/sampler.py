@@ -35,7 +35,7 @@ from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, logsumexp, mirostat_update
 from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
 from sampling.stages.common import softmax_summary
-from sampling.stages.select import CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
+from sampling.stages.select import CHUNK, CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 8
@@ -307,7 +307,8 @@ class TokenSampler:
                 return Candidates(ids, final, wide, narrow_width)
             rows = modified[pending]
             width = vocab if by_threshold else width * _GROWTH
-            width = vocab if width > _MAX_CANDIDATES or width * 4 > vocab else width
+            # a top-k over most of the row costs more than the whole-row chain: go there instead
+            width = vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
 
     def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
         """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough

@@ -53,6 +53,19 @@ def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top.squeeze(-1).double() + log_z, log_z - weighted / total
 
 
+def keep_at_least(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``logits`` where ≥ ``threshold`` ([B, 1], same dtype), else ``-inf``.
+
+    One vectorized ``threshold`` pass per row: a boolean mask and ``masked_fill`` cost many times more.
+
+    >>> keep_at_least(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0]]))
+    tensor([[-inf, 2., 3.]])
+    """
+    below = torch.nextafter(threshold, torch.tensor(NEG_INF, dtype=threshold.dtype)).tolist()
+    rows = zip(logits, below, strict=True)
+    return torch.stack([torch.nn.functional.threshold(row, cut[0], NEG_INF) for row, cut in rows])
+
+
 def keep_or_most_likely(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``logits`` where ``keep``, else ``-inf``; rows where nothing is kept keep their maximum (ties too).
 
@@ -75,10 +88,14 @@ def mass_threshold(keys: torch.Tensor, log_weights: torch.Tensor, mass: float) -
     >>> mass_threshold(torch.tensor([[3.0, 1.0, 2.0]]), torch.log(torch.tensor([[0.5, 0.2, 0.3]])), 0.6)
     tensor([[2.]])
     """
-    log_probs = log_weights.double() - logsumexp(log_weights.double()).unsqueeze(-1)
     if keys.shape[-1] <= SORT_UP_TO:
+        log_probs = log_weights.double() - logsumexp(log_weights.double()).unsqueeze(-1)
         return _sorted_threshold(keys, log_probs.exp(), mass, torch.zeros_like(log_probs[:, 0]))
-    return _bucketed_threshold(keys, log_probs.exp(), mass)
+    # wide rows: exp in the logits' dtype (a float64 exp of a whole row costs ten float32 ones) of values
+    # relative to the row maximum (each weight to an ulp), normalized in float64
+    top = log_weights.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(log_weights.dtype).min)
+    weights = (log_weights - top).exp_().double()
+    return _bucketed_threshold(keys, weights.div_(weights.sum(-1, keepdim=True)), mass)
 
 
 def _sorted_threshold(
