@@ -250,7 +250,7 @@ class TokenSampler:
             final = self._dense(modified, history, generated, mu, coin)
             return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
         rest, config = self._rest, self.config
-        vocab = modified.shape[1]
+        batch, vocab = modified.shape
         first = next(s for s in rest if STAGES[s].kind != "scale")
         width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
         rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
@@ -286,8 +286,11 @@ class TokenSampler:
                 row_final, decided = run_chain(values, rest, ctx)
                 if by_threshold:
                     decided &= fits
-            if pending is None and bool(decided.all()):  # the common case: one pass decides every row
-                return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)
+            if bool(decided.all()) and rows.shape[0] == batch:  # this pass decides every row of the batch
+                return Candidates(cand_ids, row_final, _wide(rows, batch) if width == vocab else None)
+            if pending is not None and not bool(decided.any()):  # nothing to merge: try the next width
+                width = _next_width(width, vocab, by_threshold)
+                continue
             if pending is None:
                 ids, final = cand_ids, row_final
                 pending = torch.arange(rows.shape[0], device=rows.device)
@@ -305,10 +308,8 @@ class TokenSampler:
                     wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                     wide[done] = True  # the rows this pass over the whole vocabulary decided
                 return Candidates(ids, final, wide, narrow_width)
-            rows = modified[pending]
-            width = vocab if by_threshold else width * _GROWTH
-            # a top-k over most of the row costs more than the whole-row chain: go there instead
-            width = vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
+            rows = modified if pending.numel() == batch else modified[pending]
+            width = _next_width(width, vocab, by_threshold)
 
     def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
         """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
@@ -378,6 +379,13 @@ class TokenSampler:
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
 
 
+def _next_width(width: int, vocab: int, by_threshold: bool) -> int:
+    """The candidate width after ``width`` left rows undecided; a top-k over most of the row costs more
+    than the whole-row chain, and a threshold pass that did not decide a row will not at any width."""
+    width = vocab if by_threshold else width * _GROWTH
+    return vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
+
+
 def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
     if rows.shape[1] <= _MAX_CANDIDATES:
         return None
@@ -392,6 +400,8 @@ def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> t
     wide = candidates.wide
     if wide is None or not bool(wide.any()):
         return noise.race_argmax(candidates.logits, keys, candidates.ids)
+    if bool(wide.all()):
+        return chunked_race(candidates.logits, keys, noise.row_keys(seeds, steps, CHUNK_STREAM))
     winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
     narrow = ~wide
     if bool(narrow.any()):

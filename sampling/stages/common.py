@@ -3,6 +3,8 @@ key by cumulative mass that needs no full sort on large rows."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 NEG_INF = float("-inf")
@@ -12,16 +14,38 @@ SORT_UP_TO = 4096
 """Rows up to this width are simply sorted by `mass_threshold`."""
 
 
+def shifted_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row maximum [B, 1], d = logit − maximum floored at `exp_floor`, e^d): unnormalized weights.
+
+    The floor keeps every e^d a normal float: exp is several times slower on results that underflow
+    (``-inf`` logits, or tokens ~90 nats below the top in float32). A floored token weighs
+    ≤ e^-87 ≈ 1.6e-38 instead of less: below float64 rounding of any sum that includes the top (≥ 1),
+    and 22 orders of magnitude below the resolution of the race's uniforms, so no draw can tell.
+
+    >>> shifted_weights(torch.tensor([[0.0, float("-inf")]]))[2]
+    tensor([[1.0000e+00, 1.6458e-38]])
+    """
+    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
+    shifted = (logits - top).clamp_(min=exp_floor(logits.dtype))
+    return top, shifted, shifted.exp()
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """The most negative d whose e^d is still a normal number of ``dtype`` (whole nats)."""
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+
+
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ exp`` over the last dim; rows that are all ``-inf`` give ``-inf``.
 
-    Same result as `torch.logsumexp` for rows without ``+inf``, in a third of the kernel launches.
+    Same result as `torch.logsumexp` for rows without ``+inf`` (see `shifted_weights` for the floor).
 
-    >>> logsumexp(torch.tensor([[0.0, 0.0], [float("-inf"), 1.0]]))
-    tensor([0.6931, 1.0000])
+    >>> logsumexp(torch.tensor([[0.0, 0.0], [float("-inf"), 1.0], [float("-inf"), float("-inf")]]))
+    tensor([0.6931, 1.0000,   -inf])
     """
-    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
-    return (logits - top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+    top, _, weights = shifted_weights(logits)
+    top = top.squeeze(-1)
+    return torch.where(top > torch.finfo(logits.dtype).min, weights.sum(dim=-1).log_() + top, NEG_INF)
 
 
 def entropy(logits: torch.Tensor, log_total: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,10 +67,7 @@ def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     >>> softmax_summary(torch.tensor([[0.0, 0.0, float("-inf")]]))
     (tensor([0.6931], dtype=torch.float64), tensor([0.6931], dtype=torch.float64))
     """
-    lowest = torch.finfo(logits.dtype).min
-    top = logits.amax(dim=-1, keepdim=True).clamp_(min=lowest)
-    shifted = (logits - top).clamp_(min=lowest)  # -inf → a finite floor: e^d = 0 and e^d·d = 0, not NaN
-    weights = shifted.exp()
+    top, shifted, weights = shifted_weights(logits)
     total = weights.sum(-1, dtype=torch.float64)
     weighted = weights.mul_(shifted).sum(-1, dtype=torch.float64)
     log_z = total.log()
@@ -93,8 +114,7 @@ def mass_threshold(keys: torch.Tensor, log_weights: torch.Tensor, mass: float) -
         return _sorted_threshold(keys, log_probs.exp(), mass, torch.zeros_like(log_probs[:, 0]))
     # wide rows: exp in the logits' dtype (a float64 exp of a whole row costs ten float32 ones) of values
     # relative to the row maximum (each weight to an ulp), normalized in float64
-    top = log_weights.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(log_weights.dtype).min)
-    weights = (log_weights - top).exp_().double()
+    weights = shifted_weights(log_weights)[2].double()
     return _bucketed_threshold(keys, weights.div_(weights.sum(-1, keepdim=True)), mass)
 
 
@@ -113,17 +133,16 @@ def _sorted_threshold(
 def _bucketed_threshold(keys: torch.Tensor, probs: torch.Tensor, mass: float) -> torch.Tensor:
     batch = keys.shape[0]
     top = keys.amax(-1, keepdim=True)
-    finite = torch.isfinite(keys)
-    bottom = torch.where(finite, keys, top).amin(-1, keepdim=True)
+    bottom = keys.nan_to_num(neginf=float("inf")).amin(-1, keepdim=True).clamp_(max=top)
     scale = (BUCKETS - 1) / (top - bottom).clamp(min=1e-30)
-    bucket = ((top - keys) * scale).nan_to_num_(posinf=BUCKETS - 1).clamp_(0, BUCKETS - 1).long()
-    bucket_mass = torch.zeros(batch, BUCKETS, dtype=probs.dtype, device=keys.device).scatter_add_(
+    # -inf keys land in an extra last bucket (index BUCKETS), which no boundary search reaches
+    bucket = (top - keys).mul_(scale).clamp_(0, BUCKETS).long()
+    bucket_mass = torch.zeros(batch, BUCKETS + 1, dtype=probs.dtype, device=keys.device).scatter_add_(
         1, bucket, probs
-    )
+    )[:, :BUCKETS]
     above = bucket_mass.cumsum(-1) - bucket_mass
     boundary = ((above < mass).sum(-1, keepdim=True) - 1).clamp(min=0)
-    members = (bucket == boundary) & finite
-    rows, cols = members.nonzero(as_tuple=True)
+    rows, cols = (bucket == boundary).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=batch)
     width = max(int(counts.max()), 1)
     slot = torch.arange(rows.numel(), device=keys.device) - (counts.cumsum(0) - counts)[rows]

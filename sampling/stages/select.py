@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sampling import noise
-from sampling.stages.common import NEG_INF
+from sampling.stages.common import NEG_INF, shifted_weights
 
 CHUNK = 64
 CHUNK_STREAM = 8
@@ -70,11 +70,14 @@ def chunked_race(
     token id). P(i) = P(chunk of i)·P(i | chunk) = π_i; one exp pass instead of hashing every token."""
     batch, vocab = logits.shape
     full = vocab // chunk
-    weights = (logits - logits.amax(-1, keepdim=True)).exp_()
+    weights = shifted_weights(logits)[2]  # floored: an all-dropped chunk is masked out below
     masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
+    chunk_max = logits[:, : full * chunk].view(batch, full, chunk).amax(-1)
     if vocab > full * chunk:
         masses = torch.cat([masses, weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)], 1)
-    starts = noise.race_argmax(masses.log(), chunk_keys) * chunk
+        chunk_max = torch.cat([chunk_max, logits[:, full * chunk :].amax(-1, keepdim=True)], 1)
+    log_masses = masses.log_().masked_fill_(chunk_max == NEG_INF, NEG_INF)
+    starts = noise.race_argmax(log_masses, chunk_keys) * chunk
     columns = starts.unsqueeze(1) + torch.arange(chunk, device=logits.device)
     inside = columns < vocab
     columns = columns.clamp(max=vocab - 1)
