@@ -288,8 +288,15 @@ class TokenSampler:
                     decided &= fits
             if bool(decided.all()) and rows.shape[0] == batch:  # this pass decides every row of the batch
                 return Candidates(cand_ids, row_final, _wide(rows, batch) if width == vocab else None)
+            next_width = _next_width(width, vocab, by_threshold)
+            if (
+                first == "top_p"
+                and width < next_width < vocab
+                and not _top_p_reachable(ctx, decided, next_width)
+            ):
+                next_width = vocab
             if pending is not None and not bool(decided.any()):  # nothing to merge: try the next width
-                width = _next_width(width, vocab, by_threshold)
+                width = next_width
                 continue
             if pending is None:
                 ids, final = cand_ids, row_final
@@ -309,7 +316,7 @@ class TokenSampler:
                     wide[done] = True  # the rows this pass over the whole vocabulary decided
                 return Candidates(ids, final, wide, narrow_width)
             rows = modified if pending.numel() == batch else modified[pending]
-            width = _next_width(width, vocab, by_threshold)
+            width = next_width
 
     def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
         """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
@@ -384,6 +391,17 @@ def _next_width(width: int, vocab: int, by_threshold: bool) -> int:
     than the whole-row chain, and a threshold pass that did not decide a row will not at any width."""
     width = vocab if by_threshold else width * _GROWTH
     return vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
+
+
+def _top_p_reachable(ctx: ChainContext, decided: torch.Tensor, next_width: int) -> bool:
+    """Whether ``next_width`` candidates can hold the nucleus of some undecided row: its mass is at most
+    the mass of the current candidates plus the rest at the probability of the last one. The slack makes
+    "no" certain, so a row skipped to the whole-row chain could never have been decided on candidates:
+    its result (and its race) stays the same whatever rows share its batch."""
+    values, log_total = ctx.first_input
+    probs = (values.double() - log_total.unsqueeze(1)).exp_()
+    bound = probs.sum(1) + (next_width - values.shape[1]) * probs[:, -1]
+    return bool((bound[~decided] * (1 + 1e-6) + 1e-9 >= ctx.config.top_p).any())
 
 
 def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:

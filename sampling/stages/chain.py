@@ -58,6 +58,8 @@ class ChainContext:
     stats: dict[tuple[str, int], torch.Tensor] | None = None
     """Whole-row statistics of every row, shared by the passes of one candidate search (rows ``rows``)."""
     rows: torch.Tensor | None = None
+    first_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """(the candidate values the first filter received, the rows' log-normalizer) after a candidate run."""
     last: torch.Tensor | None = None
     """[B, 1] column of each row's last real candidate when rows are padded (None: the last column)."""
     _scaled: torch.Tensor | None = field(default=None, repr=False)
@@ -199,6 +201,8 @@ def run_chain(
     decided = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
     for name in stages:
         stage = STAGES[name]
+        if stage.kind != "scale" and ctx.full is not None:
+            ctx.first_input = (values, ctx.log_total(values) if name == "top_p" else None)
         values = stage.apply(values, ctx)
         if stage.kind != "scale" and ctx.full is not None:
             last = values[:, -1] if ctx.last is None else values.gather(1, ctx.last).squeeze(1)
