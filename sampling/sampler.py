@@ -34,7 +34,7 @@ from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, logsumexp, mirostat_update
 from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
-from sampling.stages.common import softmax_summary
+from sampling.stages.common import shifted_weights, summary_of_weights
 from sampling.stages.select import CHUNK, CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
@@ -188,10 +188,11 @@ class TokenSampler:
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(seeds, steps, batch, device)
         candidates = self._candidates(modified, history, generated, mu, coin)
-        winner = _race(candidates, seeds, steps).unsqueeze(1)
-        tokens = candidates.ids.gather(1, winner).squeeze(1)
         final = candidates.logits
-        log_total, entropy = softmax_summary(final)
+        shifted = shifted_weights(final)  # one exp pass for the race and the summary
+        winner = _race(candidates, seeds, steps, shifted[2]).unsqueeze(1)
+        tokens = candidates.ids.gather(1, winner).squeeze(1)
+        log_total, entropy = summary_of_weights(*shifted)
         token_logprobs = (final.gather(1, winner).squeeze(1) - log_total).to(final.dtype)
         num_kept = (final > NEG_INF).sum(1)
         new_state = self._advanced(state, mu, token_logprobs)
@@ -410,7 +411,9 @@ def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
     return torch.ones(batch, dtype=torch.bool, device=rows.device)
 
 
-def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+def _race(
+    candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """The winning column per row: an exponential race over the candidates, keyed by token id; rows on
     the whole vocabulary race in two levels instead (`chunked_race`: the same distribution, a tenth of
     the hashing). Which applies depends on the row alone, so draws stay batch-invariant."""
@@ -419,7 +422,8 @@ def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> t
     if wide is None or not bool(wide.any()):
         return noise.race_argmax(candidates.logits, keys, candidates.ids)
     if bool(wide.all()):
-        return chunked_race(candidates.logits, keys, noise.row_keys(seeds, steps, CHUNK_STREAM))
+        chunk_keys = noise.row_keys(seeds, steps, CHUNK_STREAM)
+        return chunked_race(candidates.logits, keys, chunk_keys, weights=weights)
     winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
     narrow = ~wide
     if bool(narrow.any()):
@@ -427,7 +431,7 @@ def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> t
         logits, ids = candidates.logits[narrow, :width], candidates.ids[narrow, :width]
         winner[narrow] = noise.race_argmax(logits, keys[narrow], ids)
     chunk_keys = noise.row_keys(seeds[wide], steps[wide], CHUNK_STREAM)
-    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys)
+    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys, weights=weights[wide])
     return winner
 
 

@@ -67,7 +67,13 @@ def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     >>> softmax_summary(torch.tensor([[0.0, 0.0, float("-inf")]]))
     (tensor([0.6931], dtype=torch.float64), tensor([0.6931], dtype=torch.float64))
     """
-    top, shifted, weights = shifted_weights(logits)
+    return summary_of_weights(*shifted_weights(logits))
+
+
+def summary_of_weights(
+    top: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax_summary` from `shifted_weights`' output (``weights`` is overwritten)."""
     total = weights.sum(-1, dtype=torch.float64)
     weighted = weights.mul_(shifted).sum(-1, dtype=torch.float64)
     log_z = total.log()

@@ -63,14 +63,19 @@ def greedy(penalized: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
 
 
 def chunked_race(
-    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor, chunk: int = CHUNK
+    logits: torch.Tensor,
+    keys: torch.Tensor,
+    chunk_keys: torch.Tensor,
+    chunk: int = CHUNK,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A token per row with probability softmax(logits): a race among chunks of ``chunk`` consecutive ids
     weighted by their mass (noise keyed by chunk index), then a race inside the winning chunk (keyed by
     token id). P(i) = P(chunk of i)·P(i | chunk) = π_i; one exp pass instead of hashing every token."""
     batch, vocab = logits.shape
     full = vocab // chunk
-    weights = shifted_weights(logits)[2]  # floored: an all-dropped chunk is masked out below
+    if weights is None:  # floored (`shifted_weights`): an all-dropped chunk is masked out below
+        weights = shifted_weights(logits)[2]
     masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
     chunk_max = logits[:, : full * chunk].view(batch, full, chunk).amax(-1)
     if vocab > full * chunk:
