@@ -32,7 +32,7 @@ import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.processors import NEG_INF, logsumexp, mirostat_update
+from sampling.processors import NEG_INF, mirostat_update
 from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
 from sampling.stages.common import shifted_weights, summary_of_weights
 from sampling.stages.select import CHUNK, CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
@@ -466,4 +466,5 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
 
 
 def _model_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - logsumexp(raw)
+    # torch's fused log-softmax kernel: one vectorized pass per step, half the cost of a separate logsumexp
+    return torch.log_softmax(raw, dim=1).gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -34,7 +34,7 @@ from sampling.processors import (
     typical_filter,
     xtc_filter,
 )
-from sampling.stages.common import softmax_summary
+from sampling.stages.common import shifted_weights, softmax_summary
 from sampling.stages.filters import finite_std
 
 
@@ -68,7 +68,7 @@ class ChainContext:
     def _row(self) -> torch.Tensor:
         if self._scaled is None:  # float32: a float64 copy of a batch costs more than its sums
             scale = self.scale.float() if isinstance(self.scale, torch.Tensor) else self.scale
-            self._scaled = self.full * scale
+            self._scaled = self.full if isinstance(scale, float) and scale == 1.0 else self.full * scale
         return self._scaled
 
     def _stat(self, name: str, values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
@@ -84,7 +84,9 @@ class ChainContext:
     def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
         if self.full is None:
             return None
-        return self._stat("summary", values, lambda row: torch.stack(softmax_summary(row), -1))[..., 0]
+        if self.stats is not None and ("summary", self._rescales) in self.stats:
+            return self._stat("summary", values, _summary)[..., 0]
+        return self._stat("log_total", values, _log_total)
 
     def top(self, values: torch.Tensor) -> torch.Tensor:
         return self._stat("max", values, lambda row: row.amax(-1).double())
@@ -92,7 +94,7 @@ class ChainContext:
     def entropy(self, values: torch.Tensor) -> torch.Tensor:
         if self.full is None:
             return softmax_summary(values)[1]
-        return self._stat("summary", values, lambda row: torch.stack(softmax_summary(row), -1))[..., 1]
+        return self._stat("summary", values, _summary)[..., 1]
 
     def count(self, values: torch.Tensor) -> torch.Tensor:
         return self._stat("count", values, lambda row: torch.isfinite(row).sum(-1))
@@ -106,6 +108,16 @@ class ChainContext:
         self.scale = self.scale / temperature
         self._scaled = None
         self._rescales += 1
+
+
+def _summary(row: torch.Tensor) -> torch.Tensor:
+    return torch.stack(softmax_summary(row), -1)
+
+
+def _log_total(row: torch.Tensor) -> torch.Tensor:
+    """The log-normalizer alone (float64): `softmax_summary` without the entropy's extra pass."""
+    top, _, weights = shifted_weights(row)
+    return top.squeeze(-1).double() + weights.sum(-1, dtype=torch.float64).log()
 
 
 def _temperature(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
