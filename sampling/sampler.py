@@ -466,5 +466,11 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
 
 
 def _model_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    # torch's fused log-softmax kernel: one vectorized pass per step, half the cost of a separate logsumexp
-    return torch.log_softmax(raw, dim=1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    # torch's fused log-softmax kernel (half the cost of a separate logsumexp), a few rows at a time: an
+    # output the size of the batch would cost more in fresh pages than the kernel itself
+    block = max(1, _DENSE_BLOCK_ELEMENTS // raw.shape[1])
+    picked = [
+        torch.log_softmax(raw[start : start + block], dim=1).gather(1, tokens[start : start + block, None])
+        for start in range(0, raw.shape[0], block)
+    ]
+    return (picked[0] if len(picked) == 1 else torch.cat(picked)).squeeze(1)

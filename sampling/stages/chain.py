@@ -34,7 +34,7 @@ from sampling.processors import (
     typical_filter,
     xtc_filter,
 )
-from sampling.stages.common import shifted_weights, softmax_summary, sum64
+from sampling.stages.common import by_row_blocks, shifted_weights, softmax_summary, sum64
 from sampling.stages.filters import finite_std
 
 
@@ -116,8 +116,11 @@ def _summary(row: torch.Tensor) -> torch.Tensor:
 
 def _log_total(row: torch.Tensor) -> torch.Tensor:
     """The log-normalizer alone (float64): `softmax_summary` without the entropy's extra pass."""
-    top, _, weights = shifted_weights(row)
-    return top.squeeze(-1).double() + sum64(weights).log()
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        top, _, weights = shifted_weights(rows)
+        return top.squeeze(-1).double() + sum64(weights).log()
+
+    return by_row_blocks(block, row)
 
 
 def _temperature(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:

@@ -4,6 +4,8 @@ key by cumulative mass that needs no full sort on large rows."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -28,6 +30,27 @@ def shifted_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
     shifted = (logits - top).clamp_(min=exp_floor(logits.dtype))
     return top, shifted, shifted.exp()
+
+
+BLOCK_ELEMENTS = 1 << 20
+"""Whole-row passes run on blocks of rows this large: temporaries the size of a batch would cost more in
+fresh pages (page faults) than the arithmetic; a block's temporaries are recycled by the allocator."""
+
+
+def by_row_blocks(fn: Callable[..., Any], *rows: torch.Tensor) -> Any:
+    """``fn(*rows)`` computed on blocks of rows of `BLOCK_ELEMENTS` and concatenated along dim 0 (``fn``
+    returns a tensor or a tuple of tensors).
+
+    >>> by_row_blocks(lambda x: x.sum(-1), torch.ones(3, 2))
+    tensor([2., 2., 2.])
+    """
+    block = max(1, BLOCK_ELEMENTS // max(1, rows[0].shape[-1]))
+    if rows[0].shape[0] <= block:
+        return fn(*rows)
+    parts = [fn(*(r[start : start + block] for r in rows)) for start in range(0, rows[0].shape[0], block)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 def sum64(values: torch.Tensor) -> torch.Tensor:
@@ -83,7 +106,7 @@ def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     >>> softmax_summary(torch.tensor([[0.0, 0.0, float("-inf")]]))
     (tensor([0.6931], dtype=torch.float64), tensor([0.6931], dtype=torch.float64))
     """
-    return summary_of_weights(*shifted_weights(logits))
+    return by_row_blocks(lambda rows: summary_of_weights(*shifted_weights(rows)), logits)
 
 
 def summary_of_weights(

@@ -119,16 +119,17 @@ def candidates_above(
     num_chunks = min(int(reaching.max()) + 1, chunk_max.shape[1])
     best = torch.topk(chunk_max, num_chunks, dim=1).indices
     gathered = chunked.gather(1, best.unsqueeze(2).expand(-1, -1, chunk)).reshape(batch, -1)
-    ids = (best.unsqueeze(2) * chunk + torch.arange(chunk, device=logits.device)).reshape(batch, -1)
     reached = gathered >= threshold
     # the largest value below the threshold, with arithmetic instead of a (slow) masked fill
     below = (gathered - reached.to(gathered.dtype) * _PUSH_DOWN).amax(1, keepdim=True)
     low = torch.where(below > _PUSH_DOWN / -2, torch.minimum(below, threshold), threshold)
-    values, ids = _compact(gathered, ids, gathered >= low)
+    values, columns = _compact(gathered, gathered >= low)
     order = torch.sort(values, dim=1, descending=True)
+    columns = columns.gather(1, order.indices)
+    ids = best.gather(1, columns // chunk) * chunk + columns % chunk
     # no finite value below the threshold: a -inf padding column stands for the dropped rest
     count = (order.values > NEG_INF).sum(1) + (below <= _PUSH_DOWN / -2).view(-1)
-    return order.values, ids.gather(1, order.indices).clamp_(max=vocab - 1), count, fits
+    return order.values, ids.clamp_(max=vocab - 1), count, fits
 
 
 _PUSH_DOWN = 3e38
@@ -136,16 +137,15 @@ _PUSH_DOWN = 3e38
 finite logit a model produces."""
 
 
-def _compact(
-    values: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's kept entries moved to the front ([B, max kept + 1], padding ``-inf`` with id 0)."""
+def _compact(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's kept entries moved to the front, and their columns ([B, max kept + 1]; padding
+    ``-inf`` at column 0)."""
     rows, cols = keep.nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=values.shape[0])
     slot = torch.arange(rows.numel(), device=values.device) - (counts.cumsum(0) - counts)[rows]
     width = int(counts.max()) + 1
     packed = torch.full((values.shape[0], width), NEG_INF, dtype=values.dtype, device=values.device)
-    packed_ids = torch.zeros(values.shape[0], width, dtype=ids.dtype, device=ids.device)
+    columns = torch.zeros(values.shape[0], width, dtype=torch.long, device=values.device)
     packed[rows, slot] = values[rows, cols]
-    packed_ids[rows, slot] = ids[rows, cols]
-    return packed, packed_ids
+    columns[rows, slot] = cols
+    return packed, columns
