@@ -262,9 +262,11 @@ class TokenSampler:
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
             rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
-            if width == vocab:  # the whole rows, unsorted
-                cand_ids, row_final = _all_ids(rows), self._dense(rows, None, None, rows_mu, rows_coin)
-                decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+            if width == vocab:  # the whole rows, unsorted (indexed block by block, not copied at once)
+                which = None if pending is None or pending.numel() == batch else pending
+                row_final = self._dense(modified, None, None, rows_mu, rows_coin, which)
+                cand_ids = _all_ids(row_final)
+                decided = torch.ones(row_final.shape[0], dtype=torch.bool, device=row_final.device)
             else:
                 ctx = ChainContext(
                     config,
@@ -287,8 +289,8 @@ class TokenSampler:
                 row_final, decided = run_chain(values, rest, ctx)
                 if by_threshold:
                     decided &= fits
-            if bool(decided.all()) and rows.shape[0] == batch:  # this pass decides every row of the batch
-                return Candidates(cand_ids, row_final, _wide(rows, batch) if width == vocab else None)
+            if bool(decided.all()) and decided.shape[0] == batch:  # this pass decides every row of the batch
+                return Candidates(cand_ids, row_final, _wide(modified, batch) if width == vocab else None)
             next_width = _next_width(width, vocab, by_threshold)
             if (
                 first == "top_p"
@@ -306,8 +308,9 @@ class TokenSampler:
                 ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
                 final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
                 done = pending[decided]
-                ids[done] = cand_ids[decided]
-                final[done] = row_final[decided]
+                every = bool(decided.all())
+                ids[done] = cand_ids[0] if width == vocab else cand_ids if every else cand_ids[decided]
+                final[done] = row_final if every else row_final[decided]
             narrow_width = narrow_width if width == vocab else width
             pending = pending[~decided]
             if not pending.numel():
@@ -316,21 +319,25 @@ class TokenSampler:
                     wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                     wide[done] = True  # the rows this pass over the whole vocabulary decided
                 return Candidates(ids, final, wide, narrow_width)
-            rows = modified if pending.numel() == batch else modified[pending]
             width = next_width
+            if width < vocab:
+                rows = modified if pending.numel() == batch else modified[pending]
 
-    def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
-        """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
-        for the allocator to reuse (fresh pages for each 40 MB temporary cost more than the arithmetic)."""
+    def _dense(self, rows, history, generated, mu, coin, which=None) -> torch.Tensor:
+        """The chain on whole rows (those of ``rows`` at indices ``which``, default all), a few rows at a
+        time: temporaries of a block stay small enough for the allocator to reuse (fresh pages for each
+        40 MB temporary cost more than the arithmetic)."""
+        count = rows.shape[0] if which is None else which.numel()
         block = max(1, _DENSE_BLOCK_ELEMENTS // rows.shape[1])
         finals = []
-        for start in range(0, rows.shape[0], block):
+        for start in range(0, count, block):
             part = slice(start, start + block)
             history_part, generated_part, mu_part, coin_part = (
                 x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
             )
             ctx = ChainContext(self.config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
-            finals.append(run_chain(rows[part], self._rest, ctx)[0])
+            values = rows[part] if which is None else rows[which[part]]
+            finals.append(run_chain(values, self._rest, ctx)[0])
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
     def _modify(self, raw, history, generated) -> torch.Tensor:
