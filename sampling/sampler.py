@@ -34,7 +34,7 @@ from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, mirostat_update
 from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
-from sampling.stages.common import shifted_weights, summary_of_weights
+from sampling.stages.common import by_row_blocks, shifted_weights, softmax_summary, summary_of_weights
 from sampling.stages.select import CHUNK, CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
@@ -82,7 +82,9 @@ class Candidates:
     """The sampling distribution of each row, restricted to the tokens that can have mass.
 
     ``logits[b, j]`` is the final (filtered, tempered) logit of token ``ids[b, j]``; ``-inf`` means
-    dropped. Columns beyond a row's candidates are padding with ``-inf``.
+    dropped. Columns beyond a row's candidates are padding with ``-inf``. ``ids`` may be narrower than
+    ``logits`` when some rows are wide: the columns past its width belong to wide rows only, whose ids
+    are their column indices.
     """
 
     ids: torch.Tensor
@@ -98,7 +100,13 @@ class Candidates:
     def dense(self, vocab: int) -> torch.Tensor:
         """Probabilities over the whole vocabulary, float32 ``[B, V]``."""
         probs = torch.zeros(self.ids.shape[0], vocab, device=self.ids.device)
-        return probs.scatter_add_(1, self.ids, self.log_probs().exp().float())
+        weights = self.log_probs().exp().float()
+        if self.ids.shape[1] == weights.shape[1]:
+            return probs.scatter_add_(1, self.ids, weights)
+        narrow = ~self.wide
+        probs[self.wide] = weights[self.wide]
+        probs[narrow] = probs[narrow].scatter_add_(1, self.ids[narrow], weights[narrow, : self.ids.shape[1]])
+        return probs
 
 
 class TokenSampler:
@@ -189,12 +197,12 @@ class TokenSampler:
         coin = self._xtc_coin(seeds, steps, batch, device)
         candidates = self._candidates(modified, history, generated, mu, coin)
         final = candidates.logits
-        shifted = shifted_weights(final)  # one exp pass for the race and the summary
-        winner = _race(candidates, seeds, steps, shifted[2]).unsqueeze(1)
-        tokens = candidates.ids.gather(1, winner).squeeze(1)
-        log_total, entropy = summary_of_weights(*shifted)
-        token_logprobs = (final.gather(1, winner).squeeze(1) - log_total).to(final.dtype)
-        num_kept = (final > NEG_INF).sum(1)
+        winner, log_total, entropy, num_kept = _draw(candidates, seeds, steps)
+        token_logprobs = (final.gather(1, winner.unsqueeze(1)).squeeze(1) - log_total).to(final.dtype)
+        ids = candidates.ids
+        tokens = ids.gather(1, winner.clamp(max=ids.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        if candidates.wide is not None:  # wide rows' ids are their columns
+            tokens = torch.where(candidates.wide, winner, tokens)
         new_state = self._advanced(state, mu, token_logprobs)
         return SampleOutput(
             tokens, token_logprobs, _model_logprobs(raw, tokens), entropy.to(final.dtype), num_kept, new_state
@@ -305,11 +313,18 @@ class TokenSampler:
                 ids, final = cand_ids, row_final
                 pending = torch.arange(rows.shape[0], device=rows.device)
             else:
-                ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+                if width < vocab or vocab <= _MAX_CANDIDATES:  # wide rows' ids are their columns: no pad
+                    ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
                 final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
                 done = pending[decided]
                 every = bool(decided.all())
-                ids[done] = cand_ids[0] if width == vocab else cand_ids if every else cand_ids[decided]
+                ids[done] = (
+                    cand_ids[0, : ids.shape[1]]
+                    if width == vocab
+                    else cand_ids
+                    if every
+                    else cand_ids[decided]
+                )
                 final[done] = row_final if every else row_final[decided]
             narrow_width = narrow_width if width == vocab else width
             pending = pending[~decided]
@@ -418,28 +433,46 @@ def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
     return torch.ones(batch, dtype=torch.bool, device=rows.device)
 
 
-def _race(
-    candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """The winning column per row: an exponential race over the candidates, keyed by token id; rows on
-    the whole vocabulary race in two levels instead (`chunked_race`: the same distribution, a tenth of
-    the hashing). Which applies depends on the row alone, so draws stay batch-invariant."""
+def _draw(
+    candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the winning column, the log-normalizer and entropy of the final logits, and the number of
+    kept tokens. Narrow rows race over their candidates (noise keyed by token id); wide rows race in two
+    levels (`chunked_race`: the same distribution, a tenth of the hashing), a few rows at a time. Which
+    applies depends on the row alone, so draws stay batch-invariant."""
     keys = noise.row_keys(seeds, steps)
-    wide = candidates.wide
+    wide, logits = candidates.wide, candidates.logits
     if wide is None or not bool(wide.any()):
-        return noise.race_argmax(candidates.logits, keys, candidates.ids)
+        return (noise.race_argmax(logits, keys, candidates.ids), *_summary_and_count(logits))
+    chunk_keys = noise.row_keys(seeds, steps, CHUNK_STREAM)
     if bool(wide.all()):
-        chunk_keys = noise.row_keys(seeds, steps, CHUNK_STREAM)
-        return chunked_race(candidates.logits, keys, chunk_keys, weights=weights)
-    winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
+        return by_row_blocks(_wide_draw, logits, keys, chunk_keys)
     narrow = ~wide
-    if bool(narrow.any()):
-        width = candidates.narrow_width or candidates.ids.shape[1]
-        logits, ids = candidates.logits[narrow, :width], candidates.ids[narrow, :width]
-        winner[narrow] = noise.race_argmax(logits, keys[narrow], ids)
-    chunk_keys = noise.row_keys(seeds[wide], steps[wide], CHUNK_STREAM)
-    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys, weights=weights[wide])
-    return winner
+    width = candidates.narrow_width or candidates.ids.shape[1]
+    narrow_logits = logits[narrow, :width]
+    narrow_winner = noise.race_argmax(narrow_logits, keys[narrow], candidates.ids[narrow, :width])
+    parts = (
+        (narrow, (narrow_winner, *_summary_and_count(narrow_logits))),
+        (wide, by_row_blocks(_wide_draw, logits[wide], keys[wide], chunk_keys[wide])),
+    )
+    merged = [torch.empty(keys.shape[0], dtype=x.dtype, device=keys.device) for x in parts[0][1]]
+    for rows, values in parts:
+        for out, value in zip(merged, values, strict=True):
+            out[rows] = value
+    return tuple(merged)
+
+
+def _summary_and_count(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (*softmax_summary(logits), (logits > NEG_INF).sum(1))
+
+
+def _wide_draw(
+    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_draw` for whole rows: one exp pass serves the race and the summary."""
+    top, shifted, weights = shifted_weights(logits)
+    winner = chunked_race(logits, keys, chunk_keys, weights=weights)
+    return (winner, *summary_of_weights(top, shifted, weights), (logits > NEG_INF).sum(1))
 
 
 def _all_ids(rows: torch.Tensor) -> torch.Tensor:
