@@ -123,10 +123,14 @@ class TokenSampler:
         self.config = config
         self.calls = 0
         self._modifiers, self._rest, self._fast = split_chain(config)
+        # per-config constants, read on every call (the config's properties rebuild their tuples)
+        self._greedy, self._stateful, self._xtc = config.is_greedy, config.is_stateful, "xtc" in config.stages
+        if self._greedy:
+            self._modifiers = tuple(s for s in config.stages if STAGES[s].kind == "modifier")
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> SamplerState:
         """μ₀ = 2τ per row when mirostat is on, else an empty state."""
-        if not self.config.is_stateful:
+        if not self._stateful:
             return SamplerState()
         return SamplerState(
             torch.full((batch,), 2.0 * self.config.mirostat_tau, dtype=torch.float64, device=device)
@@ -150,11 +154,11 @@ class TokenSampler:
         raw = _last_position(logits)
         modified = self._modify(raw, history, generated)
         vocab = raw.shape[1]
-        if self.config.is_greedy:
+        if self._greedy:
             tokens = greedy(modified)
             return torch.zeros_like(modified).scatter_(1, tokens.unsqueeze(1), 1.0)
         mu = self._mu(state, raw.shape[0], raw.device)
-        if "xtc" not in self.config.stages or row_seeds is not None:
+        if not self._xtc or row_seeds is not None:
             coin = self._xtc_coin(row_seeds, step, raw.shape[0], raw.device)
             return self._candidates(modified, history, generated, mu, coin).dense(vocab)
         p = self.config.xtc_probability
@@ -186,7 +190,7 @@ class TokenSampler:
         modified = self._modify(raw, history, generated)
         step = self.calls if step is None else step
         self.calls += 1
-        if self.config.is_greedy:
+        if self._greedy:
             tokens = greedy(modified)
             zeros = torch.zeros(batch, device=device)
             ones = torch.ones(batch, dtype=torch.long, device=device)
@@ -224,11 +228,11 @@ class TokenSampler:
         With XTC and mirostat both on, pass ``row_seeds`` and ``step``: the truncated distribution
         depends on the coin.
         """
-        if not self.config.is_stateful:
+        if not self._stateful:
             return state
         raw = _last_position(logits)
         batch, device = raw.shape[0], raw.device
-        if "xtc" in self.config.stages and row_seeds is None:
+        if self._xtc and row_seeds is None:
             raise ValueError("advance_state with XTC and mirostat needs row_seeds and step (the XTC coin)")
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(row_seeds, step, batch, device)
@@ -358,15 +362,13 @@ class TokenSampler:
     def _modify(self, raw, history, generated) -> torch.Tensor:
         """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
         stages = self._modifiers
-        if self.config.is_greedy:
-            stages = tuple(s for s in self.config.stages if STAGES[s].kind == "modifier")
         ctx = ChainContext(self.config, history, generated)
         for name in stages:
             raw = STAGES[name].apply(raw, ctx)
         return _check_finite_mass(raw)
 
     def _mu(self, state: SamplerState | None, batch: int, device) -> torch.Tensor | None:
-        if not self.config.is_stateful:
+        if not self._stateful:
             return None
         mu = (state or self.initial_state(batch, device)).mu
         if mu is None or mu.shape != (batch,):
@@ -384,7 +386,7 @@ class TokenSampler:
     def _xtc_coin(self, seeds, step, batch, device) -> torch.Tensor | bool:
         """Per row, whether XTC acts at this step: uniform(seed, step, XTC stream) < P."""
         p = self.config.xtc_probability
-        if "xtc" not in self.config.stages or p >= 1.0:
+        if not self._xtc or p >= 1.0:
             return True
         if seeds is None or step is None:
             raise ValueError("the XTC coin needs row seeds and a step")
@@ -463,7 +465,14 @@ def _draw(
 
 
 def _summary_and_count(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (*softmax_summary(logits), (logits > NEG_INF).sum(1))
+    """Log-normalizer, entropy and kept count of candidate rows (narrow: float64 costs nothing here)."""
+    if logits.shape[1] > _MAX_CANDIDATES:
+        return (*softmax_summary(logits), (logits > NEG_INF).sum(1))
+    values = logits.double()
+    log_total = torch.logsumexp(values, 1)
+    log_probs = values - log_total.unsqueeze(1)
+    entropy = -(log_probs.exp() * log_probs).nansum(1)  # dropped: 0 · -inf = NaN, left out
+    return log_total, entropy, (values > NEG_INF).sum(1)
 
 
 def _wide_draw(

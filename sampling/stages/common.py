@@ -60,8 +60,8 @@ def sum64(values: torch.Tensor) -> torch.Tensor:
     >>> sum64(torch.ones(2, 130))
     tensor([130., 130.], dtype=torch.float64)
     """
-    if values.dtype == torch.float64:
-        return values.sum(-1)
+    if values.dtype == torch.float64 or values.shape[-1] <= SORT_UP_TO:  # a small copy is cheaper
+        return values.sum(-1, dtype=torch.float64)
     full = values.shape[-1] // 64 * 64
     total = values[..., :full].unflatten(-1, (-1, 64)).sum(-1).sum(-1, dtype=torch.float64)
     if full < values.shape[-1]:
