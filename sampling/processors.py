@@ -162,9 +162,10 @@ def top_p_filter(
     values = logits.double()
     if not sorted_desc:
         values = torch.sort(values, dim=-1, descending=True).values
-    if log_total is None:
-        log_total = logsumexp(values)
-    mass = torch.exp(values - log_total.double().unsqueeze(-1)).cumsum(dim=-1)
+    if log_total is None:  # the fused softmax kernel: one op instead of a logsumexp and an exp
+        mass = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    else:
+        mass = torch.exp(values - log_total.double().unsqueeze(-1)).cumsum(dim=-1)
     mass_above = torch.nn.functional.pad(mass[..., :-1], (1, 0))  # exclusive: exactly non-decreasing
     # The last token whose mass above is < p sets the threshold; a tie group's first member is its
     # earliest (smallest mass above), so ties at the boundary are kept together by `logits >= threshold`.
