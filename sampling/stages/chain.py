@@ -116,6 +116,7 @@ def _summary(row: torch.Tensor) -> torch.Tensor:
 
 def _log_total(row: torch.Tensor) -> torch.Tensor:
     """The log-normalizer alone (float64): `softmax_summary` without the entropy's extra pass."""
+
     def block(rows: torch.Tensor) -> torch.Tensor:
         top, _, weights = shifted_weights(rows)
         return top.squeeze(-1).double() + sum64(weights).log()
