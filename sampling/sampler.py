@@ -199,7 +199,8 @@ class TokenSampler:
         steps = torch.as_tensor(step, device=device).expand(batch)
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(seeds, steps, batch, device)
-        candidates = self._candidates(modified, history, generated, mu, coin)
+        stats: dict = {}
+        candidates = self._candidates(modified, history, generated, mu, coin, stats)
         final = candidates.logits
         winner, log_total, entropy, num_kept = _draw(candidates, seeds, steps)
         token_logprobs = (final.gather(1, winner.unsqueeze(1)).squeeze(1) - log_total).to(final.dtype)
@@ -209,7 +210,12 @@ class TokenSampler:
             tokens = torch.where(candidates.wide, winner, tokens)
         new_state = self._advanced(state, mu, token_logprobs)
         return SampleOutput(
-            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy.to(final.dtype), num_kept, new_state
+            tokens,
+            token_logprobs,
+            _model_logprobs(raw, tokens, _raw_log_total(stats) if modified is raw else None),
+            entropy.to(final.dtype),
+            num_kept,
+            new_state,
         )
 
     def advance_state(
@@ -258,7 +264,7 @@ class TokenSampler:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _candidates(self, modified, history, generated, mu, coin) -> Candidates:
+    def _candidates(self, modified, history, generated, mu, coin, stats=None) -> Candidates:
         if not self._fast:
             final = self._dense(modified, history, generated, mu, coin)
             return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
@@ -269,7 +275,7 @@ class TokenSampler:
         rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
         ids = final = None
         narrow_width = width
-        stats: dict = {}  # whole-row statistics, computed once for every row
+        stats = {} if stats is None else stats  # whole-row statistics, computed once for every row
         by_threshold = first in THRESHOLDS and vocab > _MAX_CANDIDATES
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
@@ -514,7 +520,18 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
     return penalized
 
 
-def _model_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _raw_log_total(stats: dict) -> torch.Tensor | None:
+    """The log-normalizer of the unscaled rows if the candidate search computed it (float64), else None."""
+    if ("summary", 0) in stats:
+        return stats["summary", 0][..., 0]
+    return stats.get(("log_total", 0))
+
+
+def _model_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, log_total: torch.Tensor | None = None
+) -> torch.Tensor:
+    if log_total is not None:  # known already: no pass over the rows
+        return (raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total).to(raw.dtype)
     # torch's fused log-softmax kernel (half the cost of a separate logsumexp), a few rows at a time: an
     # output the size of the batch would cost more in fresh pages than the kernel itself
     block = max(1, _DENSE_BLOCK_ELEMENTS // raw.shape[1])
