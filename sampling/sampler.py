@@ -34,8 +34,8 @@ from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, mirostat_update
 from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
-from sampling.stages.common import by_row_blocks, shifted_weights, softmax_summary, summary_of_weights
-from sampling.stages.select import CHUNK, CHUNK_STREAM, candidates_above, chunked_race, greedy, top_candidates
+from sampling.stages.draw import draw, model_logprobs, raw_log_total
+from sampling.stages.select import CHUNK, candidates_above, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 8
@@ -194,7 +194,7 @@ class TokenSampler:
             tokens = greedy(modified)
             zeros = torch.zeros(batch, device=device)
             ones = torch.ones(batch, dtype=torch.long, device=device)
-            return SampleOutput(tokens, zeros, _model_logprobs(raw, tokens), zeros.clone(), ones, state)
+            return SampleOutput(tokens, zeros, model_logprobs(raw, tokens), zeros.clone(), ones, state)
         seeds = self._row_seeds(batch, device, generator, row_seeds)
         steps = torch.as_tensor(step, device=device).expand(batch)
         mu = self._mu(state, batch, device)
@@ -202,7 +202,9 @@ class TokenSampler:
         stats: dict = {}
         candidates = self._candidates(modified, history, generated, mu, coin, stats)
         final = candidates.logits
-        winner, log_total, entropy, num_kept = _draw(candidates, seeds, steps)
+        winner, log_total, entropy, num_kept = draw(
+            final, candidates.ids, candidates.wide, candidates.narrow_width, seeds, steps
+        )
         token_logprobs = (final.gather(1, winner.unsqueeze(1)).squeeze(1) - log_total).to(final.dtype)
         ids = candidates.ids
         tokens = ids.gather(1, winner.clamp(max=ids.shape[1] - 1).unsqueeze(1)).squeeze(1)
@@ -212,7 +214,7 @@ class TokenSampler:
         return SampleOutput(
             tokens,
             token_logprobs,
-            _model_logprobs(raw, tokens, _raw_log_total(stats) if modified is raw else None),
+            model_logprobs(raw, tokens, raw_log_total(stats) if modified is raw else None),
             entropy.to(final.dtype),
             num_kept,
             new_state,
@@ -441,55 +443,6 @@ def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
     return torch.ones(batch, dtype=torch.bool, device=rows.device)
 
 
-def _draw(
-    candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per row: the winning column, the log-normalizer and entropy of the final logits, and the number of
-    kept tokens. Narrow rows race over their candidates (noise keyed by token id); wide rows race in two
-    levels (`chunked_race`: the same distribution, a tenth of the hashing), a few rows at a time. Which
-    applies depends on the row alone, so draws stay batch-invariant."""
-    keys = noise.row_keys(seeds, steps)
-    wide, logits = candidates.wide, candidates.logits
-    if wide is None or not bool(wide.any()):
-        return (noise.race_argmax(logits, keys, candidates.ids), *_summary_and_count(logits))
-    chunk_keys = noise.row_keys(seeds, steps, CHUNK_STREAM)
-    if bool(wide.all()):
-        return by_row_blocks(_wide_draw, logits, keys, chunk_keys)
-    narrow = ~wide
-    width = candidates.narrow_width or candidates.ids.shape[1]
-    narrow_logits = logits[narrow, :width]
-    narrow_winner = noise.race_argmax(narrow_logits, keys[narrow], candidates.ids[narrow, :width])
-    parts = (
-        (narrow, (narrow_winner, *_summary_and_count(narrow_logits))),
-        (wide, by_row_blocks(_wide_draw, logits[wide], keys[wide], chunk_keys[wide])),
-    )
-    merged = [torch.empty(keys.shape[0], dtype=x.dtype, device=keys.device) for x in parts[0][1]]
-    for rows, values in parts:
-        for out, value in zip(merged, values, strict=True):
-            out[rows] = value
-    return tuple(merged)
-
-
-def _summary_and_count(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Log-normalizer, entropy and kept count of candidate rows (narrow: float64 costs nothing here)."""
-    if logits.shape[1] > _MAX_CANDIDATES:
-        return (*softmax_summary(logits), (logits > NEG_INF).sum(1))
-    values = logits.double()
-    log_total = torch.logsumexp(values, 1)
-    log_probs = values - log_total.unsqueeze(1)
-    entropy = -(log_probs.exp() * log_probs).nansum(1)  # dropped: 0 · -inf = NaN, left out
-    return log_total, entropy, (values > NEG_INF).sum(1)
-
-
-def _wide_draw(
-    logits: torch.Tensor, keys: torch.Tensor, chunk_keys: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_draw` for whole rows: one exp pass serves the race and the summary."""
-    top, shifted, weights = shifted_weights(logits)
-    winner = chunked_race(logits, keys, chunk_keys, weights=weights)
-    return (winner, *summary_of_weights(top, shifted, weights), (logits > NEG_INF).sum(1))
-
-
 def _all_ids(rows: torch.Tensor) -> torch.Tensor:
     return torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
 
@@ -518,25 +471,3 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
         penalized = penalized.clone()
         penalized[rows] = torch.where(penalized[rows] == float("inf"), 0.0, NEG_INF)
     return penalized
-
-
-def _raw_log_total(stats: dict) -> torch.Tensor | None:
-    """The log-normalizer of the unscaled rows if the candidate search computed it (float64), else None."""
-    if ("summary", 0) in stats:
-        return stats["summary", 0][..., 0]
-    return stats.get(("log_total", 0))
-
-
-def _model_logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, log_total: torch.Tensor | None = None
-) -> torch.Tensor:
-    if log_total is not None:  # known already: no pass over the rows
-        return (raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_total).to(raw.dtype)
-    # torch's fused log-softmax kernel (half the cost of a separate logsumexp), a few rows at a time: an
-    # output the size of the batch would cost more in fresh pages than the kernel itself
-    block = max(1, _DENSE_BLOCK_ELEMENTS // raw.shape[1])
-    picked = [
-        torch.log_softmax(raw[start : start + block], dim=1).gather(1, tokens[start : start + block, None])
-        for start in range(0, raw.shape[0], block)
-    ]
-    return (picked[0] if len(picked) == 1 else torch.cat(picked)).squeeze(1)
