@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sampling.stages.common import NEG_INF, logsumexp, mass_threshold
+from sampling.stages.common import NEG_INF, keep_at_least, logsumexp, mass_threshold
 from sampling.stages.filters import (
     dynamic_temperature,
     epsilon_filter,
@@ -158,13 +158,14 @@ def top_p_filter(
     if top_p >= 1.0:
         return logits
     if not sorted_desc and log_total is None:
-        return logits.masked_fill(logits < mass_threshold(logits, logits, top_p), NEG_INF)
+        return keep_at_least(logits, mass_threshold(logits, logits, top_p))
     values = logits.double()
     if not sorted_desc:
         values = torch.sort(values, dim=-1, descending=True).values
-    if log_total is None:
-        log_total = logsumexp(values)
-    mass = torch.exp(values - log_total.double().unsqueeze(-1)).cumsum(dim=-1)
+    if log_total is None:  # the fused softmax kernel: one op instead of a logsumexp and an exp
+        mass = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    else:
+        mass = torch.exp(values - log_total.double().unsqueeze(-1)).cumsum(dim=-1)
     mass_above = torch.nn.functional.pad(mass[..., :-1], (1, 0))  # exclusive: exactly non-decreasing
     # The last token whose mass above is < p sets the threshold; a tie group's first member is its
     # earliest (smallest mass above), so ties at the boundary are kept together by `logits >= threshold`.

@@ -32,14 +32,17 @@ import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.processors import NEG_INF, logsumexp, mirostat_update
-from sampling.stages.chain import STAGES, ChainContext, run_chain, split_chain
-from sampling.stages.select import CHUNK_STREAM, chunked_race, greedy, top_candidates
+from sampling.processors import NEG_INF, mirostat_update
+from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
+from sampling.stages.draw import draw, model_logprobs, raw_log_total
+from sampling.stages.select import CHUNK, candidates_above, greedy, top_candidates
 
 _FIRST_CANDIDATES = 64
 _GROWTH = 8
 _MAX_CANDIDATES = 4096
 _DENSE_BLOCK_ELEMENTS = 1 << 20
+_THRESHOLD_CHUNKS = 1024
+"""Rows whose first filter keeps tokens in more chunks than this take the whole-row chain instead."""
 XTC_STREAM = 7
 """Noise stream of XTC's coin (the decoders use 1-3)."""
 
@@ -79,7 +82,9 @@ class Candidates:
     """The sampling distribution of each row, restricted to the tokens that can have mass.
 
     ``logits[b, j]`` is the final (filtered, tempered) logit of token ``ids[b, j]``; ``-inf`` means
-    dropped. Columns beyond a row's candidates are padding with ``-inf``.
+    dropped. Columns beyond a row's candidates are padding with ``-inf``. ``ids`` may be narrower than
+    ``logits`` when some rows are wide: the columns past its width belong to wide rows only, whose ids
+    are their column indices.
     """
 
     ids: torch.Tensor
@@ -95,7 +100,13 @@ class Candidates:
     def dense(self, vocab: int) -> torch.Tensor:
         """Probabilities over the whole vocabulary, float32 ``[B, V]``."""
         probs = torch.zeros(self.ids.shape[0], vocab, device=self.ids.device)
-        return probs.scatter_add_(1, self.ids, self.log_probs().exp().float())
+        weights = self.log_probs().exp().float()
+        if self.ids.shape[1] == weights.shape[1]:
+            return probs.scatter_add_(1, self.ids, weights)
+        narrow = ~self.wide
+        probs[self.wide] = weights[self.wide]
+        probs[narrow] = probs[narrow].scatter_add_(1, self.ids[narrow], weights[narrow, : self.ids.shape[1]])
+        return probs
 
 
 class TokenSampler:
@@ -112,10 +123,14 @@ class TokenSampler:
         self.config = config
         self.calls = 0
         self._modifiers, self._rest, self._fast = split_chain(config)
+        # per-config constants, read on every call (the config's properties rebuild their tuples)
+        self._greedy, self._stateful, self._xtc = config.is_greedy, config.is_stateful, "xtc" in config.stages
+        if self._greedy:
+            self._modifiers = tuple(s for s in config.stages if STAGES[s].kind == "modifier")
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> SamplerState:
         """μ₀ = 2τ per row when mirostat is on, else an empty state."""
-        if not self.config.is_stateful:
+        if not self._stateful:
             return SamplerState()
         return SamplerState(
             torch.full((batch,), 2.0 * self.config.mirostat_tau, dtype=torch.float64, device=device)
@@ -139,11 +154,11 @@ class TokenSampler:
         raw = _last_position(logits)
         modified = self._modify(raw, history, generated)
         vocab = raw.shape[1]
-        if self.config.is_greedy:
+        if self._greedy:
             tokens = greedy(modified)
             return torch.zeros_like(modified).scatter_(1, tokens.unsqueeze(1), 1.0)
         mu = self._mu(state, raw.shape[0], raw.device)
-        if "xtc" not in self.config.stages or row_seeds is not None:
+        if not self._xtc or row_seeds is not None:
             coin = self._xtc_coin(row_seeds, step, raw.shape[0], raw.device)
             return self._candidates(modified, history, generated, mu, coin).dense(vocab)
         p = self.config.xtc_probability
@@ -175,25 +190,34 @@ class TokenSampler:
         modified = self._modify(raw, history, generated)
         step = self.calls if step is None else step
         self.calls += 1
-        if self.config.is_greedy:
+        if self._greedy:
             tokens = greedy(modified)
             zeros = torch.zeros(batch, device=device)
             ones = torch.ones(batch, dtype=torch.long, device=device)
-            return SampleOutput(tokens, zeros, _model_logprobs(raw, tokens), zeros.clone(), ones, state)
+            return SampleOutput(tokens, zeros, model_logprobs(raw, tokens), zeros.clone(), ones, state)
         seeds = self._row_seeds(batch, device, generator, row_seeds)
         steps = torch.as_tensor(step, device=device).expand(batch)
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(seeds, steps, batch, device)
-        candidates = self._candidates(modified, history, generated, mu, coin)
-        winner = _race(candidates, seeds, steps).unsqueeze(1)
-        tokens = candidates.ids.gather(1, winner).squeeze(1)
-        log_probs = candidates.log_probs()
-        token_logprobs = log_probs.gather(1, winner).squeeze(1)
-        kept = torch.isfinite(candidates.logits)
-        entropy = -torch.where(kept, log_probs.exp() * log_probs, 0.0).sum(1)
+        stats: dict = {}
+        candidates = self._candidates(modified, history, generated, mu, coin, stats)
+        final = candidates.logits
+        winner, log_total, entropy, num_kept = draw(
+            final, candidates.ids, candidates.wide, candidates.narrow_width, seeds, steps
+        )
+        token_logprobs = (final.gather(1, winner.unsqueeze(1)).squeeze(1) - log_total).to(final.dtype)
+        ids = candidates.ids
+        tokens = ids.gather(1, winner.clamp(max=ids.shape[1] - 1).unsqueeze(1)).squeeze(1)
+        if candidates.wide is not None:  # wide rows' ids are their columns
+            tokens = torch.where(candidates.wide, winner, tokens)
         new_state = self._advanced(state, mu, token_logprobs)
         return SampleOutput(
-            tokens, token_logprobs, _model_logprobs(raw, tokens), entropy, kept.sum(1), new_state
+            tokens,
+            token_logprobs,
+            model_logprobs(raw, tokens, raw_log_total(stats) if modified is raw else None),
+            entropy.to(final.dtype),
+            num_kept,
+            new_state,
         )
 
     def advance_state(
@@ -212,11 +236,11 @@ class TokenSampler:
         With XTC and mirostat both on, pass ``row_seeds`` and ``step``: the truncated distribution
         depends on the coin.
         """
-        if not self.config.is_stateful:
+        if not self._stateful:
             return state
         raw = _last_position(logits)
         batch, device = raw.shape[0], raw.device
-        if "xtc" in self.config.stages and row_seeds is None:
+        if self._xtc and row_seeds is None:
             raise ValueError("advance_state with XTC and mirostat needs row_seeds and step (the XTC coin)")
         mu = self._mu(state, batch, device)
         coin = self._xtc_coin(row_seeds, step, batch, device)
@@ -242,26 +266,28 @@ class TokenSampler:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _candidates(self, modified, history, generated, mu, coin) -> Candidates:
+    def _candidates(self, modified, history, generated, mu, coin, stats=None) -> Candidates:
         if not self._fast:
             final = self._dense(modified, history, generated, mu, coin)
             return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
         rest, config = self._rest, self.config
-        vocab = modified.shape[1]
+        batch, vocab = modified.shape
         first = next(s for s in rest if STAGES[s].kind != "scale")
         width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
         rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
         ids = final = None
         narrow_width = width
-        stats: dict = {}  # whole-row statistics, computed once for every row
+        stats = {} if stats is None else stats  # whole-row statistics, computed once for every row
+        by_threshold = first in THRESHOLDS and vocab > _MAX_CANDIDATES
         while True:
             rows_mu = mu if pending is None or mu is None else mu[pending]
             rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
-            if width == vocab:  # the whole rows, unsorted
-                cand_ids, row_final = _all_ids(rows), self._dense(rows, None, None, rows_mu, rows_coin)
-                decided = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+            if width == vocab:  # the whole rows, unsorted (indexed block by block, not copied at once)
+                which = None if pending is None or pending.numel() == batch else pending
+                row_final = self._dense(modified, None, None, rows_mu, rows_coin, which)
+                cand_ids = _all_ids(row_final)
+                decided = torch.ones(row_final.shape[0], dtype=torch.bool, device=row_final.device)
             else:
-                values, cand_ids = top_candidates(rows, width)
                 ctx = ChainContext(
                     config,
                     full=rows,
@@ -271,18 +297,47 @@ class TokenSampler:
                     stats=stats,
                     rows=pending,
                 )
+                if by_threshold:  # the first filter's cut from row statistics: its survivors, in one pass
+                    hint = ChainContext(config, full=rows, mu=rows_mu, stats=stats)
+                    values, cand_ids, count, fits = candidates_above(
+                        rows, first_threshold(rest, hint), _THRESHOLD_CHUNKS
+                    )
+                    ctx.last = (count - 1).clamp_(min=0).unsqueeze(1)
+                    width = values.shape[1]
+                else:
+                    values, cand_ids = top_candidates(rows, width)
                 row_final, decided = run_chain(values, rest, ctx)
-            if pending is None and bool(decided.all()):  # the common case: one pass decides every row
-                return Candidates(cand_ids, row_final, _wide(rows, rows.shape[0]) if width == vocab else None)
+                if by_threshold:
+                    decided &= fits
+            if bool(decided.all()) and decided.shape[0] == batch:  # this pass decides every row of the batch
+                return Candidates(cand_ids, row_final, _wide(modified, batch) if width == vocab else None)
+            next_width = _next_width(width, vocab, by_threshold)
+            if (
+                first == "top_p"
+                and width < next_width < vocab
+                and not _top_p_reachable(ctx, decided, next_width)
+            ):
+                next_width = vocab
+            if pending is not None and not bool(decided.any()):  # nothing to merge: try the next width
+                width = next_width
+                continue
             if pending is None:
                 ids, final = cand_ids, row_final
                 pending = torch.arange(rows.shape[0], device=rows.device)
             else:
-                ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
+                if width < vocab or vocab <= _MAX_CANDIDATES:  # wide rows' ids are their columns: no pad
+                    ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
                 final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
                 done = pending[decided]
-                ids[done] = cand_ids[decided]
-                final[done] = row_final[decided]
+                every = bool(decided.all())
+                ids[done] = (
+                    cand_ids[0, : ids.shape[1]]
+                    if width == vocab
+                    else cand_ids
+                    if every
+                    else cand_ids[decided]
+                )
+                final[done] = row_final if every else row_final[decided]
             narrow_width = narrow_width if width == vocab else width
             pending = pending[~decided]
             if not pending.numel():
@@ -291,36 +346,37 @@ class TokenSampler:
                     wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
                     wide[done] = True  # the rows this pass over the whole vocabulary decided
                 return Candidates(ids, final, wide, narrow_width)
-            rows = modified[pending]
-            width = width * _GROWTH
-            width = vocab if width > _MAX_CANDIDATES or width * 4 > vocab else width
+            width = next_width
+            if width < vocab:
+                rows = modified if pending.numel() == batch else modified[pending]
 
-    def _dense(self, rows, history, generated, mu, coin) -> torch.Tensor:
-        """The chain on whole rows, a few rows at a time: float64 temporaries of a block stay small enough
-        for the allocator to reuse (fresh pages for each 40 MB temporary cost more than the arithmetic)."""
+    def _dense(self, rows, history, generated, mu, coin, which=None) -> torch.Tensor:
+        """The chain on whole rows (those of ``rows`` at indices ``which``, default all), a few rows at a
+        time: temporaries of a block stay small enough for the allocator to reuse (fresh pages for each
+        40 MB temporary cost more than the arithmetic)."""
+        count = rows.shape[0] if which is None else which.numel()
         block = max(1, _DENSE_BLOCK_ELEMENTS // rows.shape[1])
         finals = []
-        for start in range(0, rows.shape[0], block):
+        for start in range(0, count, block):
             part = slice(start, start + block)
             history_part, generated_part, mu_part, coin_part = (
                 x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
             )
             ctx = ChainContext(self.config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
-            finals.append(run_chain(rows[part], self._rest, ctx)[0])
+            values = rows[part] if which is None else rows[which[part]]
+            finals.append(run_chain(values, self._rest, ctx)[0])
         return finals[0] if len(finals) == 1 else torch.cat(finals)
 
     def _modify(self, raw, history, generated) -> torch.Tensor:
         """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
         stages = self._modifiers
-        if self.config.is_greedy:
-            stages = tuple(s for s in self.config.stages if STAGES[s].kind == "modifier")
         ctx = ChainContext(self.config, history, generated)
         for name in stages:
             raw = STAGES[name].apply(raw, ctx)
         return _check_finite_mass(raw)
 
     def _mu(self, state: SamplerState | None, batch: int, device) -> torch.Tensor | None:
-        if not self.config.is_stateful:
+        if not self._stateful:
             return None
         mu = (state or self.initial_state(batch, device)).mu
         if mu is None or mu.shape != (batch,):
@@ -338,7 +394,7 @@ class TokenSampler:
     def _xtc_coin(self, seeds, step, batch, device) -> torch.Tensor | bool:
         """Per row, whether XTC acts at this step: uniform(seed, step, XTC stream) < P."""
         p = self.config.xtc_probability
-        if "xtc" not in self.config.stages or p >= 1.0:
+        if not self._xtc or p >= 1.0:
             return True
         if seeds is None or step is None:
             raise ValueError("the XTC coin needs row seeds and a step")
@@ -363,29 +419,28 @@ class TokenSampler:
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
 
 
+def _next_width(width: int, vocab: int, by_threshold: bool) -> int:
+    """The candidate width after ``width`` left rows undecided; a top-k over most of the row costs more
+    than the whole-row chain, and a threshold pass that did not decide a row will not at any width."""
+    width = vocab if by_threshold else width * _GROWTH
+    return vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
+
+
+def _top_p_reachable(ctx: ChainContext, decided: torch.Tensor, next_width: int) -> bool:
+    """Whether ``next_width`` candidates can hold the nucleus of some undecided row: its mass is at most
+    the mass of the current candidates plus the rest at the probability of the last one. The slack makes
+    "no" certain, so a row skipped to the whole-row chain could never have been decided on candidates:
+    its result (and its race) stays the same whatever rows share its batch."""
+    values, log_total = ctx.first_input
+    probs = (values.double() - log_total.unsqueeze(1)).exp_()
+    bound = probs.sum(1) + (next_width - values.shape[1]) * probs[:, -1]
+    return bool((bound[~decided] * (1 + 1e-6) + 1e-9 >= ctx.config.top_p).any())
+
+
 def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
     if rows.shape[1] <= _MAX_CANDIDATES:
         return None
     return torch.ones(batch, dtype=torch.bool, device=rows.device)
-
-
-def _race(candidates: Candidates, seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """The winning column per row: an exponential race over the candidates, keyed by token id; rows on
-    the whole vocabulary race in two levels instead (`chunked_race`: the same distribution, a tenth of
-    the hashing). Which applies depends on the row alone, so draws stay batch-invariant."""
-    keys = noise.row_keys(seeds, steps)
-    wide = candidates.wide
-    if wide is None or not bool(wide.any()):
-        return noise.race_argmax(candidates.logits, keys, candidates.ids)
-    winner = torch.empty(keys.shape[0], dtype=torch.long, device=keys.device)
-    narrow = ~wide
-    if bool(narrow.any()):
-        width = candidates.narrow_width or candidates.ids.shape[1]
-        logits, ids = candidates.logits[narrow, :width], candidates.ids[narrow, :width]
-        winner[narrow] = noise.race_argmax(logits, keys[narrow], ids)
-    chunk_keys = noise.row_keys(seeds[wide], steps[wide], CHUNK_STREAM)
-    winner[wide] = chunked_race(candidates.logits[wide], keys[wide], chunk_keys)
-    return winner
 
 
 def _all_ids(rows: torch.Tensor) -> torch.Tensor:
@@ -416,7 +471,3 @@ def _check_finite_mass(penalized: torch.Tensor) -> torch.Tensor:
         penalized = penalized.clone()
         penalized[rows] = torch.where(penalized[rows] == float("inf"), 0.0, NEG_INF)
     return penalized
-
-
-def _model_logprobs(raw: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return raw.gather(1, tokens.unsqueeze(1)).squeeze(1) - logsumexp(raw)

@@ -9,7 +9,8 @@ import torch
 from scipy.stats import chisquare
 
 from sampling import SamplingConfig, TokenSampler, noise
-from sampling.sampler import CHUNK_STREAM, SamplerState, chunked_race
+from sampling.sampler import SamplerState
+from sampling.stages.select import CHUNK_STREAM, chunked_race
 
 STAT_LOGITS = torch.tensor([1.6, 1.2, 1.0, 1.0, 0.7, 0.2, -0.5, -1.0, -2.0, float("-inf")])
 STAT_HISTORY = torch.tensor([0, 1, 2, 4, 0, 1, 2, 5, 0, 1])

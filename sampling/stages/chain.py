@@ -11,6 +11,7 @@ Adding a stage = one pure function (in this package) + one `STAGES` entry + its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -33,7 +34,7 @@ from sampling.processors import (
     typical_filter,
     xtc_filter,
 )
-from sampling.stages.common import entropy, logsumexp
+from sampling.stages.common import by_row_blocks, shifted_weights, softmax_summary, sum64
 from sampling.stages.filters import finite_std
 
 
@@ -57,13 +58,17 @@ class ChainContext:
     stats: dict[tuple[str, int], torch.Tensor] | None = None
     """Whole-row statistics of every row, shared by the passes of one candidate search (rows ``rows``)."""
     rows: torch.Tensor | None = None
+    first_input: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    """(the candidate values the first filter received, the rows' log-normalizer) after a candidate run."""
+    last: torch.Tensor | None = None
+    """[B, 1] column of each row's last real candidate when rows are padded (None: the last column)."""
     _scaled: torch.Tensor | None = field(default=None, repr=False)
     _rescales: int = 0
 
     def _row(self) -> torch.Tensor:
         if self._scaled is None:  # float32: a float64 copy of a batch costs more than its sums
             scale = self.scale.float() if isinstance(self.scale, torch.Tensor) else self.scale
-            self._scaled = self.full * scale
+            self._scaled = self.full if isinstance(scale, float) and scale == 1.0 else self.full * scale
         return self._scaled
 
     def _stat(self, name: str, values: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]):
@@ -79,10 +84,17 @@ class ChainContext:
     def log_total(self, values: torch.Tensor) -> torch.Tensor | None:
         if self.full is None:
             return None
-        return self._stat("log_total", values, lambda row: logsumexp(row).double())
+        if self.stats is not None and ("summary", self._rescales) in self.stats:
+            return self._stat("summary", values, _summary)[..., 0]
+        return self._stat("log_total", values, _log_total)
+
+    def top(self, values: torch.Tensor) -> torch.Tensor:
+        return self._stat("max", values, lambda row: row.amax(-1).double())
 
     def entropy(self, values: torch.Tensor) -> torch.Tensor:
-        return self._stat("entropy", values, entropy)
+        if self.full is None:
+            return softmax_summary(values)[1]
+        return self._stat("summary", values, _summary)[..., 1]
 
     def count(self, values: torch.Tensor) -> torch.Tensor:
         return self._stat("count", values, lambda row: torch.isfinite(row).sum(-1))
@@ -96,6 +108,20 @@ class ChainContext:
         self.scale = self.scale / temperature
         self._scaled = None
         self._rescales += 1
+
+
+def _summary(row: torch.Tensor) -> torch.Tensor:
+    return torch.stack(softmax_summary(row), -1)
+
+
+def _log_total(row: torch.Tensor) -> torch.Tensor:
+    """The log-normalizer alone (float64): `softmax_summary` without the entropy's extra pass."""
+
+    def block(rows: torch.Tensor) -> torch.Tensor:
+        top, _, weights = shifted_weights(rows)
+        return top.squeeze(-1).double() + sum64(weights).log()
+
+    return by_row_blocks(block, row)
 
 
 def _temperature(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
@@ -191,8 +217,46 @@ def run_chain(
     decided = torch.ones(values.shape[0], dtype=torch.bool, device=values.device)
     for name in stages:
         stage = STAGES[name]
+        if stage.kind != "scale" and ctx.full is not None:
+            ctx.first_input = (values, ctx.log_total(values) if name == "top_p" else None)
         values = stage.apply(values, ctx)
         if stage.kind != "scale" and ctx.full is not None:
-            decided = torch.isinf(values[:, -1])
+            last = values[:, -1] if ctx.last is None else values.gather(1, ctx.last).squeeze(1)
+            decided = torch.isinf(last)
             ctx.full = None
     return values, decided
+
+
+def _eta_cut(ctx: ChainContext, row: torch.Tensor) -> torch.Tensor:
+    eta = ctx.config.eta_cutoff
+    cutoff = torch.clamp(math.sqrt(eta) * torch.exp(-ctx.entropy(row)), max=eta)
+    return ctx.log_total(row) + cutoff.log()
+
+
+THRESHOLDS: dict[str, Callable[[ChainContext, torch.Tensor], torch.Tensor]] = {
+    "min_p": lambda ctx, row: ctx.top(row) + math.log(ctx.config.min_p),
+    "epsilon": lambda ctx, row: ctx.log_total(row) + math.log(ctx.config.epsilon_cutoff),
+    "eta": _eta_cut,
+    "mirostat": lambda ctx, row: ctx.log_total(row) - ctx.mu.double() * math.log(2.0),
+    "top_n_sigma": lambda ctx, row: ctx.top(row) - ctx.config.top_n_sigma * ctx.sigma(row),
+}
+"""Upper-set filters whose cut is a value threshold from whole-row statistics: t with kept ⇔ value ≥ t."""
+_MARGIN = 1e-5
+"""Relative slack of `first_threshold`: the filter itself decides; the hint only has to hold its kept set."""
+
+
+def first_threshold(stages: tuple[str, ...], ctx: ChainContext) -> torch.Tensor | None:
+    """A float32 [B] lower bound on the values the first filter of ``stages`` keeps in the scaled whole
+    rows (``ctx.full`` after the leading scale stages, which this applies to ``ctx``), or None when the
+    first filter is not in `THRESHOLDS`. The bound has a little slack for rounding."""
+    for name in stages:
+        if STAGES[name].kind != "scale":
+            break
+        STAGES[name].apply(ctx.full[:, :1], ctx)
+    else:
+        return None
+    if name not in THRESHOLDS:
+        return None
+    row = ctx._row()
+    cut = torch.minimum(THRESHOLDS[name](ctx, row), ctx.top(row))
+    return (cut - _MARGIN * (1.0 + cut.abs())).float()

@@ -3,6 +3,10 @@ key by cumulative mass that needs no full sort on large rows."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 NEG_INF = float("-inf")
@@ -12,28 +16,120 @@ SORT_UP_TO = 4096
 """Rows up to this width are simply sorted by `mass_threshold`."""
 
 
+def shifted_weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row maximum [B, 1], d = logit − maximum floored at `exp_floor`, e^d): unnormalized weights.
+
+    The floor keeps every e^d a normal float: exp is several times slower on results that underflow
+    (``-inf`` logits, or tokens ~90 nats below the top in float32). A floored token weighs
+    ≤ e^-87 ≈ 1.6e-38 instead of less: below float64 rounding of any sum that includes the top (≥ 1),
+    and 22 orders of magnitude below the resolution of the race's uniforms, so no draw can tell.
+
+    >>> shifted_weights(torch.tensor([[0.0, float("-inf")]]))[2]
+    tensor([[1.0000e+00, 1.6458e-38]])
+    """
+    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
+    shifted = (logits - top).clamp_(min=exp_floor(logits.dtype))
+    return top, shifted, shifted.exp()
+
+
+BLOCK_ELEMENTS = 1 << 20
+"""Whole-row passes run on blocks of rows this large: temporaries the size of a batch would cost more in
+fresh pages (page faults) than the arithmetic; a block's temporaries are recycled by the allocator."""
+
+
+def by_row_blocks(fn: Callable[..., Any], *rows: torch.Tensor) -> Any:
+    """``fn(*rows)`` computed on blocks of rows of `BLOCK_ELEMENTS` and concatenated along dim 0 (``fn``
+    returns a tensor or a tuple of tensors).
+
+    >>> by_row_blocks(lambda x: x.sum(-1), torch.ones(3, 2))
+    tensor([2., 2., 2.])
+    """
+    block = max(1, BLOCK_ELEMENTS // max(1, rows[0].shape[-1]))
+    if rows[0].shape[0] <= block:
+        return fn(*rows)
+    parts = [fn(*(r[start : start + block] for r in rows)) for start in range(0, rows[0].shape[0], block)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    return torch.cat(parts)
+
+
+def sum64(values: torch.Tensor) -> torch.Tensor:
+    """Float64 sums over the last dim without a float64 copy of ``values`` (which, for a batch of rows,
+    costs page faults worth many passes): float32 partial sums of 64 neighbours, then float64.
+
+    >>> sum64(torch.ones(2, 130))
+    tensor([130., 130.], dtype=torch.float64)
+    """
+    if values.dtype == torch.float64 or values.shape[-1] <= SORT_UP_TO:  # a small copy is cheaper
+        return values.sum(-1, dtype=torch.float64)
+    full = values.shape[-1] // 64 * 64
+    total = values[..., :full].unflatten(-1, (-1, 64)).sum(-1).sum(-1, dtype=torch.float64)
+    if full < values.shape[-1]:
+        total += values[..., full:].sum(-1, dtype=torch.float64)
+    return total
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """The most negative d whose e^d is still a normal number of ``dtype`` (whole nats)."""
+    return float(math.ceil(math.log(torch.finfo(dtype).tiny)))
+
+
 def logsumexp(logits: torch.Tensor) -> torch.Tensor:
     """``log Σ exp`` over the last dim; rows that are all ``-inf`` give ``-inf``.
 
-    Same result as `torch.logsumexp` for rows without ``+inf``, in a third of the kernel launches.
+    Same result as `torch.logsumexp` for rows without ``+inf`` (see `shifted_weights` for the floor).
 
-    >>> logsumexp(torch.tensor([[0.0, 0.0], [float("-inf"), 1.0]]))
-    tensor([0.6931, 1.0000])
+    >>> logsumexp(torch.tensor([[0.0, 0.0], [float("-inf"), 1.0], [float("-inf"), float("-inf")]]))
+    tensor([0.6931, 1.0000,   -inf])
     """
-    top = logits.amax(dim=-1, keepdim=True).clamp_(min=torch.finfo(logits.dtype).min)
-    return (logits - top).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+    top, _, weights = shifted_weights(logits)
+    top = top.squeeze(-1)
+    return torch.where(top > torch.finfo(logits.dtype).min, weights.sum(dim=-1).log_() + top, NEG_INF)
 
 
 def entropy(logits: torch.Tensor, log_total: torch.Tensor | None = None) -> torch.Tensor:
-    """Entropy in nats of ``softmax(logits)`` per row (float64), ``log_total`` its log-normalizer if known.
+    """Entropy in nats of ``softmax(logits)`` per row (float64); ``log_total`` is accepted for symmetry
+    with the filters and not needed (`softmax_summary` finds the normalizer in the same pass).
 
     >>> entropy(torch.tensor([[0.0, 0.0, float("-inf")]]))
     tensor([0.6931], dtype=torch.float64)
     """
-    values = logits.double()
-    log_total = logsumexp(values) if log_total is None else log_total.double()
-    log_probs = values - log_total.unsqueeze(-1)
-    return -torch.where(torch.isfinite(values), log_probs.exp() * log_probs, 0.0).sum(-1)
+    return softmax_summary(logits)[1]
+
+
+def softmax_summary(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-normalizer, entropy in nats) of ``softmax(logits)`` per row, both float64 ``[B]``.
+
+    One exp pass in the logits' dtype; the sums run in float64. With d = logit − max and Z = Σ e^d:
+    log-normalizer = max + log Z, H = log Z − Σ e^d·d / Z (dropped tokens have e^d = 0).
+
+    >>> softmax_summary(torch.tensor([[0.0, 0.0, float("-inf")]]))
+    (tensor([0.6931], dtype=torch.float64), tensor([0.6931], dtype=torch.float64))
+    """
+    return by_row_blocks(lambda rows: summary_of_weights(*shifted_weights(rows)), logits)
+
+
+def summary_of_weights(
+    top: torch.Tensor, shifted: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`softmax_summary` from `shifted_weights`' output (``weights`` is overwritten)."""
+    total = sum64(weights)
+    weighted = sum64(weights.mul_(shifted))
+    log_z = total.log()
+    return top.squeeze(-1).double() + log_z, log_z - weighted / total
+
+
+def keep_at_least(logits: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``logits`` where ≥ ``threshold`` ([B, 1], same dtype), else ``-inf``.
+
+    One vectorized ``threshold`` pass per row: a boolean mask and ``masked_fill`` cost many times more.
+
+    >>> keep_at_least(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[2.0]]))
+    tensor([[-inf, 2., 3.]])
+    """
+    below = torch.nextafter(threshold, torch.tensor(NEG_INF, dtype=threshold.dtype)).tolist()
+    rows = zip(logits, below, strict=True)
+    return torch.stack([torch.nn.functional.threshold(row, cut[0], NEG_INF) for row, cut in rows])
 
 
 def keep_or_most_likely(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -58,10 +154,13 @@ def mass_threshold(keys: torch.Tensor, log_weights: torch.Tensor, mass: float) -
     >>> mass_threshold(torch.tensor([[3.0, 1.0, 2.0]]), torch.log(torch.tensor([[0.5, 0.2, 0.3]])), 0.6)
     tensor([[2.]])
     """
-    log_probs = log_weights.double() - logsumexp(log_weights.double()).unsqueeze(-1)
     if keys.shape[-1] <= SORT_UP_TO:
+        log_probs = log_weights.double() - logsumexp(log_weights.double()).unsqueeze(-1)
         return _sorted_threshold(keys, log_probs.exp(), mass, torch.zeros_like(log_probs[:, 0]))
-    return _bucketed_threshold(keys, log_probs.exp(), mass)
+    # wide rows: exp in the logits' dtype (a float64 exp of a whole row costs ten float32 ones) of values
+    # relative to the row maximum (each weight to an ulp), normalized in float64
+    weights = shifted_weights(log_weights)[2].double()
+    return _bucketed_threshold(keys, weights.div_(weights.sum(-1, keepdim=True)), mass)
 
 
 def _sorted_threshold(
@@ -79,17 +178,16 @@ def _sorted_threshold(
 def _bucketed_threshold(keys: torch.Tensor, probs: torch.Tensor, mass: float) -> torch.Tensor:
     batch = keys.shape[0]
     top = keys.amax(-1, keepdim=True)
-    finite = torch.isfinite(keys)
-    bottom = torch.where(finite, keys, top).amin(-1, keepdim=True)
+    bottom = keys.nan_to_num(neginf=float("inf")).amin(-1, keepdim=True).clamp_(max=top)
     scale = (BUCKETS - 1) / (top - bottom).clamp(min=1e-30)
-    bucket = ((top - keys) * scale).nan_to_num_(posinf=BUCKETS - 1).clamp_(0, BUCKETS - 1).long()
-    bucket_mass = torch.zeros(batch, BUCKETS, dtype=probs.dtype, device=keys.device).scatter_add_(
+    # -inf keys land in an extra last bucket (index BUCKETS), which no boundary search reaches
+    bucket = (top - keys).mul_(scale).clamp_(0, BUCKETS).long()
+    bucket_mass = torch.zeros(batch, BUCKETS + 1, dtype=probs.dtype, device=keys.device).scatter_add_(
         1, bucket, probs
-    )
+    )[:, :BUCKETS]
     above = bucket_mass.cumsum(-1) - bucket_mass
     boundary = ((above < mass).sum(-1, keepdim=True) - 1).clamp(min=0)
-    members = (bucket == boundary) & finite
-    rows, cols = members.nonzero(as_tuple=True)
+    rows, cols = (bucket == boundary).nonzero(as_tuple=True)
     counts = torch.bincount(rows, minlength=batch)
     width = max(int(counts.max()), 1)
     slot = torch.arange(rows.numel(), device=keys.device) - (counts.cumsum(0) - counts)[rows]

@@ -12,7 +12,16 @@ import math
 
 import torch
 
-from sampling.stages.common import NEG_INF, entropy, keep_or_most_likely, logsumexp, mass_threshold
+from sampling.stages.common import (
+    NEG_INF,
+    SORT_UP_TO,
+    entropy,
+    keep_at_least,
+    keep_or_most_likely,
+    logsumexp,
+    mass_threshold,
+    softmax_summary,
+)
 
 
 def _log_probs(logits: torch.Tensor, log_total: torch.Tensor | None) -> torch.Tensor:
@@ -88,12 +97,18 @@ def typical_filter(logits: torch.Tensor, typical_p: float) -> torch.Tensor:
     """
     if typical_p >= 1.0:
         return logits
-    log_probs = _log_probs(logits, None)
-    row_entropy = entropy(logits).unsqueeze(-1)
-    closeness = -(log_probs + row_entropy).abs()
-    closeness = torch.where(torch.isfinite(log_probs), closeness, NEG_INF)
-    threshold = mass_threshold(closeness, log_probs, typical_p)
-    return logits.masked_fill(closeness < threshold, NEG_INF)
+    log_total, row_entropy = softmax_summary(logits)
+    # |−log π_i − H| = |logit_i − c| with c = log-normalizer − H; wide rows stay in float32 (monotone
+    # rounding: equal logits keep equal keys), narrow ones are cheap enough in float64
+    wide = logits.shape[-1] > SORT_UP_TO
+    values = logits if wide else logits.double()
+    keys = -(values - (log_total - row_entropy).to(values.dtype).unsqueeze(-1)).abs()  # -inf logit: -inf
+    threshold = mass_threshold(keys, values, typical_p)
+    if not wide:
+        return logits.masked_fill(keys < threshold, NEG_INF)
+    # logits + (0 where kept, -inf where dropped) with vectorized passes; -inf logits give NaN → -inf
+    shift = keep_at_least(keys, threshold) - keys
+    return torch.nan_to_num_(logits + shift, nan=NEG_INF, posinf=math.inf, neginf=NEG_INF)
 
 
 def xtc_filter(
