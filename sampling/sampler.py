@@ -1,14 +1,10 @@
 """`TokenSampler`: logits → exact sampling distribution → one token per row, fast.
 
 The chain is ``config.stages``: a leading run of logit modifiers (penalties, DRY, no-repeat-n-gram, logit
-bias) runs on the whole vocabulary; the rest runs on candidates when it can (`split_chain`). Every
-``upper`` filter keeps an upper set of values and temperature preserves order, so if the first filter is
-one of them, the final kept set is a prefix of the tokens sorted by modified logit. We then take the top-M
-candidates (M = top_k + 1 when top-k is the first filter, else 64, growing ×8) and run the chain on them,
-and accept a row once the first filter provably drops its smallest candidate; the first filter reads the
-whole row's statistics (normalizer, entropy, σ) when it needs them. Rows that stay undecided past a few
-thousand candidates, and chains that start with typical-p or XTC, run on the whole row, where top-p and
-typical-p find their boundary by histogram (`mass_threshold`) instead of a sort.
+bias) runs on the whole vocabulary; the rest runs on candidates when it can (`split_chain`), found by
+`sampling.stages.candidates.search_candidates` (the smallest set that provably holds every token with
+mass), else on the whole rows, where top-p and typical-p find their boundary by histogram
+(`mass_threshold`) instead of a sort.
 
 Sampling is an exponential race over the candidates with counter-based noise keyed by (row seed, step,
 token id), so a row's draw is reproducible and independent of the batch it is in. XTC's coin comes from
@@ -33,16 +29,14 @@ import torch
 from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.processors import NEG_INF, mirostat_update
-from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain, split_chain
+from sampling.stages.candidates import Candidates, search_candidates, whole_row_candidates
+from sampling.stages.chain import STAGES, ChainContext, split_chain
 from sampling.stages.draw import draw, model_logprobs, raw_log_total
-from sampling.stages.select import CHUNK, candidates_above, greedy, top_candidates
+from sampling.stages.select import greedy, top_candidates
 
-_FIRST_CANDIDATES = 64
-_GROWTH = 8
-_MAX_CANDIDATES = 4096
-_DENSE_BLOCK_ELEMENTS = 1 << 20
-_THRESHOLD_CHUNKS = 1024
-"""Rows whose first filter keeps tokens in more chunks than this take the whole-row chain instead."""
+# `Candidates` and `top_candidates` live in `sampling.stages`; re-exported: callers import them from here
+__all__ = ["XTC_STREAM", "Candidates", "SampleOutput", "SamplerState", "TokenSampler", "top_candidates"]
+
 XTC_STREAM = 7
 """Noise stream of XTC's coin (the decoders use 1-3)."""
 
@@ -75,38 +69,6 @@ class SampleOutput:
     """Number of tokens with non-zero probability (1 for greedy)."""
     state: SamplerState | None = None
     """The state after this draw (None for stateless configs)."""
-
-
-@dataclass(frozen=True)
-class Candidates:
-    """The sampling distribution of each row, restricted to the tokens that can have mass.
-
-    ``logits[b, j]`` is the final (filtered, tempered) logit of token ``ids[b, j]``; ``-inf`` means
-    dropped. Columns beyond a row's candidates are padding with ``-inf``. ``ids`` may be narrower than
-    ``logits`` when some rows are wide: the columns past its width belong to wide rows only, whose ids
-    are their column indices.
-    """
-
-    ids: torch.Tensor
-    logits: torch.Tensor
-    wide: torch.Tensor | None = None
-    """[B] bools: rows computed on the whole (large) vocabulary, ``ids`` = arange; None = no such row."""
-    narrow_width: int | None = None
-    """Columns that hold every candidate of the other rows (None: all)."""
-
-    def log_probs(self) -> torch.Tensor:
-        return torch.log_softmax(self.logits, dim=-1)
-
-    def dense(self, vocab: int) -> torch.Tensor:
-        """Probabilities over the whole vocabulary, float32 ``[B, V]``."""
-        probs = torch.zeros(self.ids.shape[0], vocab, device=self.ids.device)
-        weights = self.log_probs().exp().float()
-        if self.ids.shape[1] == weights.shape[1]:
-            return probs.scatter_add_(1, self.ids, weights)
-        narrow = ~self.wide
-        probs[self.wide] = weights[self.wide]
-        probs[narrow] = probs[narrow].scatter_add_(1, self.ids[narrow], weights[narrow, : self.ids.shape[1]])
-        return probs
 
 
 class TokenSampler:
@@ -268,104 +230,8 @@ class TokenSampler:
 
     def _candidates(self, modified, history, generated, mu, coin, stats=None) -> Candidates:
         if not self._fast:
-            final = self._dense(modified, history, generated, mu, coin)
-            return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
-        rest, config = self._rest, self.config
-        batch, vocab = modified.shape
-        first = next(s for s in rest if STAGES[s].kind != "scale")
-        width = min(vocab, config.top_k + 1 if first == "top_k" else _FIRST_CANDIDATES)
-        rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
-        ids = final = None
-        narrow_width = width
-        stats = {} if stats is None else stats  # whole-row statistics, computed once for every row
-        by_threshold = first in THRESHOLDS and vocab > _MAX_CANDIDATES
-        while True:
-            rows_mu = mu if pending is None or mu is None else mu[pending]
-            rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
-            if width == vocab:  # the whole rows, unsorted (indexed block by block, not copied at once)
-                which = None if pending is None or pending.numel() == batch else pending
-                row_final = self._dense(modified, None, None, rows_mu, rows_coin, which)
-                cand_ids = _all_ids(row_final)
-                decided = torch.ones(row_final.shape[0], dtype=torch.bool, device=row_final.device)
-            else:
-                ctx = ChainContext(
-                    config,
-                    full=rows,
-                    sorted_desc=True,
-                    mu=rows_mu,
-                    xtc_active=rows_coin,
-                    stats=stats,
-                    rows=pending,
-                )
-                if by_threshold:  # the first filter's cut from row statistics: its survivors, in one pass
-                    hint = ChainContext(config, full=rows, mu=rows_mu, stats=stats)
-                    values, cand_ids, count, fits = candidates_above(
-                        rows, first_threshold(rest, hint), _THRESHOLD_CHUNKS
-                    )
-                    ctx.last = (count - 1).clamp_(min=0).unsqueeze(1)
-                    width = values.shape[1]
-                else:
-                    values, cand_ids = top_candidates(rows, width)
-                row_final, decided = run_chain(values, rest, ctx)
-                if by_threshold:
-                    decided &= fits
-            if bool(decided.all()) and decided.shape[0] == batch:  # this pass decides every row of the batch
-                return Candidates(cand_ids, row_final, _wide(modified, batch) if width == vocab else None)
-            next_width = _next_width(width, vocab, by_threshold)
-            if (
-                first == "top_p"
-                and width < next_width < vocab
-                and not _top_p_reachable(ctx, decided, next_width)
-            ):
-                next_width = vocab
-            if pending is not None and not bool(decided.any()):  # nothing to merge: try the next width
-                width = next_width
-                continue
-            if pending is None:
-                ids, final = cand_ids, row_final
-                pending = torch.arange(rows.shape[0], device=rows.device)
-            else:
-                if width < vocab or vocab <= _MAX_CANDIDATES:  # wide rows' ids are their columns: no pad
-                    ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
-                final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
-                done = pending[decided]
-                every = bool(decided.all())
-                ids[done] = (
-                    cand_ids[0, : ids.shape[1]]
-                    if width == vocab
-                    else cand_ids
-                    if every
-                    else cand_ids[decided]
-                )
-                final[done] = row_final if every else row_final[decided]
-            narrow_width = narrow_width if width == vocab else width
-            pending = pending[~decided]
-            if not pending.numel():
-                wide = None
-                if vocab > _MAX_CANDIDATES and width == vocab:
-                    wide = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-                    wide[done] = True  # the rows this pass over the whole vocabulary decided
-                return Candidates(ids, final, wide, narrow_width)
-            width = next_width
-            if width < vocab:
-                rows = modified if pending.numel() == batch else modified[pending]
-
-    def _dense(self, rows, history, generated, mu, coin, which=None) -> torch.Tensor:
-        """The chain on whole rows (those of ``rows`` at indices ``which``, default all), a few rows at a
-        time: temporaries of a block stay small enough for the allocator to reuse (fresh pages for each
-        40 MB temporary cost more than the arithmetic)."""
-        count = rows.shape[0] if which is None else which.numel()
-        block = max(1, _DENSE_BLOCK_ELEMENTS // rows.shape[1])
-        finals = []
-        for start in range(0, count, block):
-            part = slice(start, start + block)
-            history_part, generated_part, mu_part, coin_part = (
-                x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
-            )
-            ctx = ChainContext(self.config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
-            values = rows[part] if which is None else rows[which[part]]
-            finals.append(run_chain(values, self._rest, ctx)[0])
-        return finals[0] if len(finals) == 1 else torch.cat(finals)
+            return whole_row_candidates(self.config, self._rest, modified, history, generated, mu, coin)
+        return search_candidates(self.config, self._rest, modified, mu, coin, stats)
 
     def _modify(self, raw, history, generated) -> torch.Tensor:
         """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
@@ -417,34 +283,6 @@ class TokenSampler:
         if self.config.seed is not None:
             return torch.full((batch,), self.config.seed, dtype=torch.long, device=device)
         return torch.randint(0, 2**62, (batch,), generator=generator).to(device)
-
-
-def _next_width(width: int, vocab: int, by_threshold: bool) -> int:
-    """The candidate width after ``width`` left rows undecided; a top-k over most of the row costs more
-    than the whole-row chain, and a threshold pass that did not decide a row will not at any width."""
-    width = vocab if by_threshold else width * _GROWTH
-    return vocab if width > _MAX_CANDIDATES or width * CHUNK * 4 > vocab else width
-
-
-def _top_p_reachable(ctx: ChainContext, decided: torch.Tensor, next_width: int) -> bool:
-    """Whether ``next_width`` candidates can hold the nucleus of some undecided row: its mass is at most
-    the mass of the current candidates plus the rest at the probability of the last one. The slack makes
-    "no" certain, so a row skipped to the whole-row chain could never have been decided on candidates:
-    its result (and its race) stays the same whatever rows share its batch."""
-    values, log_total = ctx.first_input
-    probs = (values.double() - log_total.unsqueeze(1)).exp_()
-    bound = probs.sum(1) + (next_width - values.shape[1]) * probs[:, -1]
-    return bool((bound[~decided] * (1 + 1e-6) + 1e-9 >= ctx.config.top_p).any())
-
-
-def _wide(rows: torch.Tensor, batch: int) -> torch.Tensor | None:
-    if rows.shape[1] <= _MAX_CANDIDATES:
-        return None
-    return torch.ones(batch, dtype=torch.bool, device=rows.device)
-
-
-def _all_ids(rows: torch.Tensor) -> torch.Tensor:
-    return torch.arange(rows.shape[1], device=rows.device).expand_as(rows)
 
 
 def _last_position(logits: torch.Tensor) -> torch.Tensor:
