@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sampling import SamplingConfig, TokenSampler
+from sampling.stages import candidates
 from sampling.stages.candidates import THRESHOLD_CHUNKS, next_width_after, top_p_reachable
 from sampling.stages.chain import ChainContext, first_threshold, split_chain
 from sampling.stages.select import candidates_above, top_candidates
@@ -142,11 +143,6 @@ def test_top_p_reachable_never_says_no_to_a_nucleus_that_fits(nucleus):
     assert reachable == (nucleus <= 1000)  # the bound is tight enough to skip the flat rows
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="known bug: a threshold pass wider than the vocabulary, then a whole-row pass, cannot merge",
-)
 def test_threshold_pass_keeping_everything_batched_with_an_undecided_row():
     """One row keeps its whole (5000-token) row (candidate width 5001 with the padding column) while
     another is left undecided by the threshold pass (temperature ≠ 1) and takes the whole-row pass."""
@@ -156,3 +152,34 @@ def test_threshold_pass_keeping_everything_batched_with_an_undecided_row():
     probs = TokenSampler(config).distribution(logits)
     for b in range(2):
         np.testing.assert_allclose(probs[b].numpy(), ref_distribution(logits[b].tolist(), config), atol=2e-6)
+
+
+def test_a_row_left_undecided_next_to_one_keeping_everything_merges(monkeypatch: pytest.MonkeyPatch):
+    """A threshold pass keeps vocab + 1 columns for a row that keeps every token; a row it leaves
+    undecided (forced here by raising its bound) then takes the whole-row pass, and both must merge."""
+    gen = torch.Generator().manual_seed(5000)
+    logits = (torch.randn(2, 5000, generator=gen) * torch.tensor([[0.01], [3.0]])).round(decimals=2)
+    config = SamplingConfig(min_p=0.001, temperature=2.0)
+    bound = candidates.first_threshold
+    monkeypatch.setattr(
+        candidates, "first_threshold", lambda stages, ctx: bound(stages, ctx) + torch.tensor([0.0, 5.0])
+    )
+    probs = TokenSampler(config).distribution(logits)
+    for b in range(2):
+        np.testing.assert_allclose(probs[b].numpy(), ref_distribution(logits[b].tolist(), config), atol=2e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 3.0])
+def test_threshold_bound_is_on_the_unscaled_logits_at_any_temperature(temperature: float):
+    """The bound the candidates are picked with lies on the unscaled logits: at most the smallest kept
+    logit (nothing kept is missed) and above the largest dropped one (no row is left undecided)."""
+    config = SamplingConfig(min_p=0.05, temperature=temperature)
+    logits = _tied_rows(VOCAB, 3)
+    _, rest, fast = split_chain(config)
+    assert fast
+    bound = first_threshold(rest, ChainContext(config, full=logits, stats={}))
+    for b in range(logits.shape[0]):
+        kept = torch.from_numpy(np.isfinite(ref_chain(logits[b].tolist(), config)))
+        assert bound[b] <= logits[b][kept].min()
+        if not kept.all():
+            assert bound[b] > logits[b][~kept].max()

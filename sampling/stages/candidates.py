@@ -214,6 +214,8 @@ def _width_after(search: _Search, width: int, ctx: ChainContext | None, decided:
 def _merge(ids, final, done, decided, cand_ids, row_final, width: int, vocab: int):
     """``ids`` and ``final`` with the rows ``done`` (batch indices of the ``decided`` pending rows) set to
     this pass's result, both widened to ``width`` columns (padding: id 0, ``-inf``)."""
+    if ids.shape[1] > width:  # a threshold pass keeps vocab + 1 columns: the last one is padding
+        ids, final = ids[:, :width], final[:, :width]
     if width < vocab or vocab <= MAX_CANDIDATES:  # wide rows' ids are their columns: no pad
         ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
     final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)

@@ -246,9 +246,10 @@ _MARGIN = 1e-5
 
 
 def first_threshold(stages: tuple[str, ...], ctx: ChainContext) -> torch.Tensor | None:
-    """A float32 [B] lower bound on the values the first filter of ``stages`` keeps in the scaled whole
-    rows (``ctx.full`` after the leading scale stages, which this applies to ``ctx``), or None when the
-    first filter is not in `THRESHOLDS`. The bound has a little slack for rounding."""
+    """A float32 [B] lower bound on the values of ``ctx.full`` (the unscaled whole rows) that the first
+    filter of ``stages`` keeps, or None when the first filter is not in `THRESHOLDS`. The filter's cut is
+    found on the rows scaled by the leading scale stages (which this applies to ``ctx``) and mapped back
+    through the (positive, order-preserving) scale; the bound has a little slack for rounding."""
     for name in stages:
         if STAGES[name].kind != "scale":
             break
@@ -259,4 +260,6 @@ def first_threshold(stages: tuple[str, ...], ctx: ChainContext) -> torch.Tensor 
         return None
     row = ctx._row()
     cut = torch.minimum(THRESHOLDS[name](ctx, row), ctx.top(row))
+    scale = ctx.scale.double().view(-1) if isinstance(ctx.scale, torch.Tensor) else ctx.scale
+    cut = cut / scale  # the unscaled rows are what the candidates are picked from
     return (cut - _MARGIN * (1.0 + cut.abs())).float()
