@@ -13,8 +13,10 @@ loop, d the measured seconds per draft token and α̂ a running estimate of the 
 Costs come from the call's first rounds, not from extra forwards: the warm-up runs γ = 0, γ_max, 0, γ_max
 (real rounds whose tokens are kept), which measures v(1), v(γ_max + 1) and d; unmeasured v(k) are linear
 interpolations of the measured ones, and each γ the policy then uses is measured as it runs. Each v(k)
-is the minimum of its measurements: a shared or cold machine only ever adds time (the first forwards
-of a call can take many times a warm one), and both sides of the ratio are estimated the same way. While
+(and d) is the lower median of its last ``window`` measurements: robust to a cold first forward (which can
+take many times a warm one) and to bursts of load from other processes, and — unlike the minimum, which
+keeps falling as measurements accumulate — not biased towards the k measured most often (v(1), once
+speculation is off), so a noisy machine does not talk the policy out of speculating. While
 speculation is off, every ``probe_every`` rounds one round drafts anyway (the best γ ≥ 1), so that a rising
 acceptance can bring speculation back. The choice of γ depends only on the past, so the output distribution
 is untouched (each round is exact given its prefix); only which draws a seed produces depends on the timings.
@@ -22,6 +24,8 @@ is untouched (each round is exact given its prefix); only which draws a seed pro
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -154,10 +158,11 @@ class MeasuredPolicy:
     decay: float = 0.9
     prior_alpha: float = 0.5
     prior_weight: float = 2.0
+    window: int = 9
     warmup: list[int] = field(default_factory=list)
-    verify_seconds: dict[int, list[float]] = field(default_factory=dict)
-    draft_seconds: float = 0.0
-    draft_tokens: float = 0.0
+    verify_seconds: dict[int, deque[float]] = field(default_factory=dict)
+    draft_step_seconds: deque[float] = field(init=False)
+    """Seconds per draft token of the last ``window`` drafting rounds."""
     overlap: float = 0.0
     verified: float = 0.0
     off_streak: int = 0
@@ -165,6 +170,7 @@ class MeasuredPolicy:
     """Whether the last γ was the policy's choice (not a warm-up round)."""
 
     def __post_init__(self) -> None:
+        self.draft_step_seconds = deque(maxlen=self.window)
         if not self.warmup:
             self.warmup = [0, self.gamma_max, 0, self.gamma_max]
 
@@ -175,11 +181,13 @@ class MeasuredPolicy:
 
     @property
     def draft_step(self) -> float:
-        return self.draft_seconds / self.draft_tokens if self.draft_tokens else 0.0
+        """d: seconds per draft token (lower median of the recent drafting rounds)."""
+        return statistics.median_low(self.draft_step_seconds) if self.draft_step_seconds else 0.0
 
     @property
     def verify_costs(self) -> dict[int, float]:
-        return {k: min(seconds) for k, seconds in self.verify_seconds.items()}
+        """v(k) for every measured k: the lower median of its recent rounds."""
+        return {k: statistics.median_low(seconds) for k, seconds in self.verify_seconds.items()}
 
     @property
     def ready(self) -> bool:
@@ -220,9 +228,10 @@ class MeasuredPolicy:
         return expected_tokens(self.alpha, gamma), cost, interpolated_cost(costs, 1)
 
     def observe(self, report: RoundReport) -> None:
-        self.verify_seconds.setdefault(report.tokens_scored, []).append(report.verify_seconds)
-        self.draft_seconds += report.draft_seconds
-        self.draft_tokens += report.gamma
+        recent = self.verify_seconds.setdefault(report.tokens_scored, deque(maxlen=self.window))
+        recent.append(report.verify_seconds)
+        if report.gamma:
+            self.draft_step_seconds.append(report.draft_seconds / report.gamma)
         if report.verified:
             self.overlap = self.decay * self.overlap + report.overlap_sum
             self.verified = self.decay * self.verified + report.verified
