@@ -155,7 +155,8 @@ def hf_generate(
         )
     new = out[:, width:].tolist()
     if stop_at_eos:
-        return [until_stop(row, set(eos)) for row in new]
+        # A row that ended (EOS, or a stop string in ``extra``) is padded until the whole batch has ended.
+        return [until_stop(row, {*eos, pad}) for row in new]
     if any(len(row) != max_new_tokens for row in new):
         raise RuntimeError(f"HF generated {[len(r) for r in new]} tokens, expected {max_new_tokens} per row")
     return new

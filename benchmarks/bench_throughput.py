@@ -1,20 +1,23 @@
 """Job throughput: refill batching vs static batches (ours, and HF `generate`) on rows of varied length.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py [--model qwen2.5-coder-0.5b] [--dtype float32]
-        [--preset balanced] [--prompts 16] [--samples 2] [--max-new-tokens 128]
+        [--prompt-set default|humaneval] [--preset balanced] [--prompts 16] [--samples 2] [--max-new-tokens 128]
         [--batch-sizes 4 8 16 32] [--modes eos fixed] [--repeats 3] [--threads N]
 
 What a user waits for is a whole job: every (prompt, sample) row, each stopping at its own EOS. The job
-here is the bundled prompt set (chat-templated), ``--samples`` rows per prompt (own seed each), up to
-``--max-new-tokens`` new tokens. Three paths generate it with ``B`` rows at a time:
+here is a prompt set as chat turns, ``--samples`` rows per prompt (own seed each), up to
+``--max-new-tokens`` new tokens: the bundled ``default`` set (open answers, ended by EOS), or the
+``humaneval`` problems, whose replies also end at the code block's closing fence (the runner's stop
+string for that set; HF gets it as ``stop_strings``), so their lengths vary widely, as in a code sweep.
+Three paths generate it with ``B`` rows at a time:
 
 - ``refill``: one `AutoregressiveDecoder.generate` call for all rows with ``max_batch_size=B`` (a
   finished row's slot is refilled with the next pending row);
 - ``static``: our decoder called once per chunk of B rows (the next chunk waits for the chunk's longest);
 - ``HF``: HF `generate` once per chunk of B rows (left-padded, stops at EOS), tokens counted up to EOS.
 
-Mode ``eos`` stops rows at EOS (lengths vary); mode ``fixed`` is the control where lengths do not vary
-(``ignore_eos``; HF with ``eos_token_id=None``): refill should then not lose to static batching.
+Mode ``eos`` stops rows at EOS and the set's stop strings (lengths vary); mode ``fixed`` is the control
+where lengths do not vary (``ignore_eos``, no stop strings; HF with ``eos_token_id=None``): refill should then not lose to static batching.
 Each (mode, B) warms the paths up, then times refill, static, HF, refill, ... ``--repeats`` times.
 tok/s = new tokens of the job / wall seconds (prefill included): median [min–max] over repeats; ratios
 are per round (same repeat) then median [min–max]. Goal (issue 13): refill ≥ 1.3× static and ≥ 1.3× HF
@@ -48,9 +51,10 @@ from _common import (
 )
 
 from rtdlm_experiments.models import HFCausalLM, load_model
-from rtdlm_experiments.prompt_sets import load_prompts
+from rtdlm_experiments.prompt_sets import load_prompts, stop_strings
 from sampling import PRESETS, SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder, merge_outputs
+from sampling.decoding.stopping import StopStrings
 
 GOAL = 1.3
 """Minimum refill speedup over static batching and over HF when lengths vary (issue 13)."""
@@ -59,19 +63,37 @@ MODES = {"eos": "lengths vary (EOS on)", "fixed": "lengths fixed (ignore EOS)"}
 
 @dataclass(frozen=True)
 class Job:
-    """The rows of one job: prompt token ids and a seed per row."""
+    """The rows of one job: prompt token ids, a seed per row, and the strings that end a row early."""
 
     prompts: list[list[int]]
     seeds: list[int]
     config: SamplingConfig
+    stop_strings: tuple[str, ...] = ()
 
 
-def build_job(model: HFCausalLM, prompt_count: int | None, samples: int, config: SamplingConfig) -> Job:
-    """Bundled prompts, chat-templated, each repeated ``samples`` times with its own seed."""
-    texts = [p.text for p in load_prompts({"name": "default", "limit": prompt_count})]
-    encoded = encode_prompts(model, texts)
+def build_job(
+    model: HFCausalLM, prompt_set: str, prompt_count: int | None, samples: int, config: SamplingConfig
+) -> Job:
+    """A prompt set's first ``prompt_count`` prompts, chat-templated, each repeated ``samples`` times with
+    its own seed; stop strings as the runner sets them for that set (chat mode)."""
+    selection = {"name": prompt_set, "limit": prompt_count, "chat_template": True}
+    encoded = encode_prompts(model, [p.text for p in load_prompts(selection)])
     prompts = [ids for ids in encoded for _ in range(samples)]
-    return Job(prompts, list(range(len(prompts))), config)
+    return Job(prompts, list(range(len(prompts))), config, stop_strings(selection))
+
+
+def our_stop_strings(model: HFCausalLM, job: Job, ignore_eos: bool) -> StopStrings | None:
+    """The job's stop strings for our decoder (None in the fixed-length control or when the set has none)."""
+    if ignore_eos or not job.stop_strings:
+        return None
+    return StopStrings(job.stop_strings, lambda ids: model.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def hf_stop_kwargs(model: HFCausalLM, job: Job, ignore_eos: bool) -> dict[str, object]:
+    """The same stop strings for HF `generate` (which needs the tokenizer to match them)."""
+    if ignore_eos or not job.stop_strings:
+        return {}
+    return {"stop_strings": list(job.stop_strings), "tokenizer": model.tokenizer}
 
 
 def chunks(job: Job, size: int) -> list[slice]:
@@ -80,11 +102,13 @@ def chunks(job: Job, size: int) -> list[slice]:
 
 def refill_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> GenerationPath:
     decoder = AutoregressiveDecoder()
+    stops = our_stop_strings(model, job, ignore_eos)
 
     def run(n: int) -> Result:
         out = decoder.generate(
-            model, job.prompts, job.config, n, row_seeds=job.seeds, ignore_eos=ignore_eos, max_batch_size=size
-        )
+            model, job.prompts, job.config, n, row_seeds=job.seeds, ignore_eos=ignore_eos,
+            stop_strings=stops, max_batch_size=size,
+        )  # fmt: skip
         return Result(out.token_ids, decode_seconds=out.decode_seconds)
 
     return run
@@ -92,11 +116,13 @@ def refill_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
 
 def static_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> GenerationPath:
     decoder = AutoregressiveDecoder()
+    stops = our_stop_strings(model, job, ignore_eos)
 
     def run(n: int) -> Result:
         outs = [
             decoder.generate(
-                model, job.prompts[part], job.config, n, row_seeds=job.seeds[part], ignore_eos=ignore_eos
+                model, job.prompts[part], job.config, n, row_seeds=job.seeds[part], ignore_eos=ignore_eos,
+                stop_strings=stops,
             )
             for part in chunks(job, size)
         ]
@@ -108,11 +134,14 @@ def static_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
 
 def hf_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> GenerationPath:
     seed = job.config.seed or 0
+    stops = hf_stop_kwargs(model, job, ignore_eos)
     return lambda n: Result(
         [
             row
             for part in chunks(job, size)
-            for row in hf_generate(model, job.prompts[part], job.config, n, seed, stop_at_eos=not ignore_eos)
+            for row in hf_generate(
+                model, job.prompts[part], job.config, n, seed, stop_at_eos=not ignore_eos, **stops
+            )
         ]
     )
 
@@ -183,8 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
     parser.add_argument("--dtype", choices=list(DTYPE_SHORT), default="float32")
+    parser.add_argument("--prompt-set", choices=["default", "humaneval"], default="default")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="balanced")
-    parser.add_argument("--prompts", type=int, default=None, help="first N bundled prompts (default: all)")
+    parser.add_argument("--prompts", type=int, default=None, help="first N prompts of the set (default: all)")
     parser.add_argument("--samples", type=int, default=2, help="rows per prompt, each with its own seed")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -197,10 +227,11 @@ def main() -> None:
     quiet_transformers()
     started = time.perf_counter()
     model = load_model(args.model, dtype=args.dtype, device="cpu")
-    job = build_job(model, args.prompts, args.samples, get_preset(args.preset, seed=0))
+    job = build_job(model, args.prompt_set, args.prompts, args.samples, get_preset(args.preset, seed=0))
     print_header(
         f"Job throughput: refill vs static batches vs HF generate ({args.model}, {DTYPE_SHORT[args.dtype]})",
-        f"{len(job.prompts)} rows (bundled prompts × {args.samples} seeds), preset {args.preset}, up to "
+        f"{len(job.prompts)} rows ({args.prompt_set} prompts × {args.samples} seeds"
+        f"{', stop strings ' + repr(job.stop_strings) if job.stop_strings else ''}), preset {args.preset}, up to "
         f"{args.max_new_tokens} new tokens; median [min–max] of {args.repeats} alternating calls after a "
         "warm-up; tok/s over the whole job, prefill included.",
     )
