@@ -136,6 +136,8 @@ class SpeculativeSchema(DraftingSchema):
     name: str = "speculative"
     draft_model: str = MISSING
     """Name of a config in the ``model`` group; it must share the target's tokenizer."""
+    min_confidence: float = 0.0
+    """End a row's drafts after one the draft model gave less than this probability (0: off)."""
 
 
 @dataclass

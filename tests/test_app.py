@@ -375,6 +375,10 @@ def test_build_decoder_rejects_what_cannot_work():
             "decoder.exit_layer=0 is invalid: must be >= 1",
         ),
         (("decoder=prompt_lookup", "decoder.max_ngram=0"), "decoder.max_ngram=0 is invalid: must be >= 1"),
+        (
+            ("decoder=speculative", "decoder.min_confidence=1.5"),
+            "decoder.min_confidence=1.5 is invalid: must be in [0, 1)",
+        ),
         (("decoder=speculative", "decoder.draft_model=gpt-9"), "decoder.draft_model"),
         (
             ("decoder._target_=sampling.decoding.NoSuchDecoder",),

@@ -126,6 +126,18 @@ def test_lossless_joint_distribution(target, draft, prompt, decoder_name, config
     assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH, prompt)) > 1e-3
 
 
+@pytest.mark.slow
+def test_lossless_when_unsure_drafts_end_the_round(target, draft, prompt):
+    """Rows stop drafting at different positions, chosen from the draft's side only: still exact."""
+    config = CONFIGS["top-k/top-p"]
+    decoder = SpeculativeDecoder(draft, num_draft_tokens=3, min_confidence=0.35)
+    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH + 1, row_seeds=range(DRAWS))
+    offered_in_full = 3 * out.stats["row_rounds"]
+    assert 0.2 * offered_in_full < out.stats["drafted_tokens"] < 0.9 * offered_in_full
+    assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0
+    assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH + 1, prompt)) > 1e-3
+
+
 def resample_from_target_on_rejection(target_probs, drafts, seeds, first_step):
     """The original module's rule: on rejection draw from p instead of norm(max(0, p − q))."""
     verdict = verify_drafts(target_probs, drafts, seeds, first_step)
@@ -185,6 +197,18 @@ def test_greedy_equals_greedy_autoregressive(decoder_name, test_device):
             measured[decoder_name],
         ):
             check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
+
+
+def test_greedy_with_confident_drafts_only_equals_greedy_autoregressive(test_device):
+    target = HFCausalLM(build_tiny_random(num_layers=3, vocab_size=64, seed=1).to(test_device))
+    draft = HFCausalLM(build_tiny_random(num_layers=1, vocab_size=64, seed=2).to(test_device))
+    prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
+    greedy = get_preset("deterministic", repetition_penalty=1.3)
+    for policy in ("constant", "measured"):
+        decoder = SpeculativeDecoder(draft, 5, min_confidence=0.05, policy=policy)
+        check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
+        out = decoder.generate(target, prompts, greedy, 20)
+        assert 0 < out.stats["drafted_tokens"] < 5 * out.stats["row_rounds"], "some drafts must be cut"
 
 
 def check_greedy_equals_autoregressive(decoder, target, prompts, greedy):

@@ -230,8 +230,9 @@ class MeasuredPolicy:
     def observe(self, report: RoundReport) -> None:
         recent = self.verify_seconds.setdefault(report.tokens_scored, deque(maxlen=self.window))
         recent.append(report.verify_seconds)
-        if report.gamma:
-            self.draft_step_seconds.append(report.draft_seconds / report.gamma)
+        drafted = report.tokens_scored - 1  # fewer than γ when drafting stopped early
+        if report.gamma and drafted:
+            self.draft_step_seconds.append(report.draft_seconds / drafted)
         if report.verified:
             self.overlap = self.decay * self.overlap + report.overlap_sum
             self.verified = self.decay * self.verified + report.verified

@@ -16,12 +16,31 @@ from sampling.decoding.draft_verify import (
 )
 
 
-class DraftModelSession(DraftSession):
-    """One call's draft model cache, and how many of the batch's positions it holds."""
+def draft_confidence(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor:
+    """The draft model's own probability of each drafted token: softmax(logits)[x], from the raw logits
+    (a greedy q is a point mass, so q(x) would always be 1).
 
-    def __init__(self, target: CausalLM, draft_model: CausalLM, state: RoundState) -> None:
+    >>> draft_confidence(torch.tensor([[0.0, 0.0], [2.0, 0.0]]), torch.tensor([1, 0])).tolist()
+    [0.5, 0.8807970285415649]
+    """
+    return torch.softmax(logits.float(), dim=-1).gather(1, drafts.unsqueeze(1)).squeeze(1)
+
+
+class DraftModelSession(DraftSession):
+    """One call's draft model cache, and how many of the batch's positions it holds.
+
+    With ``min_confidence`` > 0 a row stops drafting after a draft its model gave less than that
+    probability (HF's ``assistant_confidence_threshold``), and the round stops once every row has: long
+    drafts where the draft is sure, short ones where it is not. The cut depends only on the draft's side
+    (its logits and its draws), so each emitted token is still distributed as the target's (lossless).
+    """
+
+    def __init__(
+        self, target: CausalLM, draft_model: CausalLM, state: RoundState, min_confidence: float = 0.0
+    ) -> None:
         super().__init__(target)
         self.draft_model = draft_model
+        self.min_confidence = min_confidence
         self.cache: Any = draft_model.new_cache()
         self.cached = 0
         if state.width > 1:
@@ -38,18 +57,27 @@ class DraftModelSession(DraftSession):
         logits = self._forward(state.tokens[:, self.cached :], mask)
         state.draft_forwards += 1
         drafts = torch.zeros(batch, gamma, dtype=torch.long, device=state.tokens.device)
+        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
         probs, sampler_state = [], state.sampler_state
         for i in range(gamma):
             q = state.draft_distribution(logits, drafts[:, :i], sampler_state)
             drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
             probs.append(q)
+            if self.min_confidence > 0 and self._cut_unsure(lengths, logits, drafts[:, i], i):
+                return Drafts(drafts[:, : i + 1], torch.stack(probs, dim=1), lengths)
             sampler_state = state.advance_draft_state(sampler_state, logits, drafts[:, : i + 1])
             if i + 1 < gamma:
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
                 logits = self._forward(drafts[:, i : i + 1], mask)
                 state.draft_forwards += 1
-        lengths = torch.full((batch,), gamma, dtype=torch.long, device=drafts.device)
         return Drafts(drafts, torch.stack(probs, dim=1), lengths)
+
+    def _cut_unsure(self, lengths: torch.Tensor, logits: torch.Tensor, drafted: torch.Tensor, i: int) -> bool:
+        """End the drafts of rows still drafting whose draft ``i`` was unsure (they keep it: length
+        i + 1); True when no row drafts on."""
+        unsure = (draft_confidence(logits, drafted) < self.min_confidence) & (lengths > i + 1)
+        lengths[unsure] = i + 1
+        return bool((lengths <= i + 1).all())
 
     def rollback(self, keep: int) -> None:
         if self.cached > keep:
@@ -62,12 +90,18 @@ class SpeculativeDecoder(DraftVerifyDecoder):
     the target), verified against the target's p. Lossless: the output is distributed as autoregressive
     sampling from the target. ``policy`` picks γ per round (see `DraftVerifyDecoder`); ``adaptive=True``
     is ``policy="heuristic"``: γ grows by 2 after a round where every draft passed and shrinks by 1
-    otherwise (HF's heuristic)."""
+    otherwise (HF's heuristic). ``min_confidence`` > 0 also ends a row's drafts early after one the
+    draft model was unsure of (`DraftModelSession`)."""
 
-    def __init__(self, draft_model: CausalLM, num_draft_tokens: int = 4, **options: Any) -> None:
+    def __init__(
+        self, draft_model: CausalLM, num_draft_tokens: int = 4, min_confidence: float = 0.0, **options: Any
+    ) -> None:
         """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence={min_confidence} is invalid: must be in [0, 1) (0: off)")
         super().__init__(num_draft_tokens, **options)
         self.draft_model = draft_model
+        self.min_confidence = min_confidence
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftModelSession:
         if self.draft_model.vocab_size != target.vocab_size:
@@ -75,4 +109,4 @@ class SpeculativeDecoder(DraftVerifyDecoder):
                 f"draft vocab ({self.draft_model.vocab_size}) differs from the target's "
                 f"({target.vocab_size}): speculative decoding needs a draft with the target's tokenizer"
             )
-        return DraftModelSession(target, self.draft_model, state)
+        return DraftModelSession(target, self.draft_model, state, self.min_confidence)
