@@ -4,8 +4,8 @@
         [--presets deterministic balanced] [--prompts code story]
         [--decoders speculative self_speculative prompt_lookup] [--gammas 2 4 6]
         [--exit-layers 8 14 20] [--self-gamma 4] [--lookup-gammas 2 4] [--max-ngram 3]
-        [--policies constant measured] [--num-prompts 2] [--max-new-tokens 48] [--repeats 3]
-        [--no-hf] [--threads N] [--device cpu|cuda] [--target NAME] [--draft NAME]
+        [--policies constant measured] [--min-confidences 0.4] [--num-prompts 2] [--max-new-tokens 48]
+        [--repeats 3] [--no-hf] [--threads N] [--device cpu|cuda] [--target NAME] [--draft NAME]
 
 Target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b, batch 1: one generate call per prompt, tok/s = new
 tokens of all prompts / their wall seconds (prefill included). Every path generates exactly
@@ -17,7 +17,9 @@ repeat i, which ran moments apart).
 Policies (``--policies``): ``constant`` offers γ drafts every round (one row per γ); ``measured`` chooses
 γ in 0..γ_max per round from this call's measured cost curve and acceptance (`speculation_policy`), with
 γ_max = the largest γ of the decoder's list, and decodes plainly when no γ ≥ 1 is predicted to win; its HF
-anchor is HF assisted generation with HF's own dynamic schedule (its defaults). "off" is the fraction of
+anchor is HF assisted generation with HF's own dynamic schedule (its defaults). ``--min-confidences c``
+adds a measured row whose rows also stop drafting after a draft the draft model gave < c probability
+(``min_confidence``, like HF's ``assistant_confidence_threshold``). "off" is the fraction of
 rounds it ran with speculation off; "policy pred./meas." its predicted and measured speedup over plain
 rounds in the same loop (`accounting.policy_rates`).
 
@@ -203,9 +205,14 @@ def speculative_variants(cell: Cell, args: argparse.Namespace) -> list[Variant]:
             hf_path = hf(cell, draft, gamma, assistant_model=draft)
             found.append(Variant("speculative", f"γ={gamma}", ours_path, hf_path))
     if "measured" in args.policies:
-        decoder = SpeculativeDecoder(cell.draft, num_draft_tokens=max(args.gammas), policy="measured")
-        hf_path = hf(cell, assistant_model=draft)  # HF's own dynamic draft length
-        found.append(Variant("speculative", f"measured γ≤{max(args.gammas)}", ours(cell, decoder), hf_path))
+        gamma_max = max(args.gammas)
+        for confidence in [0.0, *args.min_confidences]:
+            decoder = SpeculativeDecoder(
+                cell.draft, num_draft_tokens=gamma_max, policy="measured", min_confidence=confidence
+            )
+            hf_path = hf(cell, assistant_model=draft)  # HF's own dynamic draft length
+            setting = f"measured γ≤{gamma_max}" + (f", conf≥{confidence:g}" if confidence else "")
+            found.append(Variant("speculative", setting, ours(cell, decoder), hf_path))
     return found
 
 
@@ -388,6 +395,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6], help="speculative γ")
     parser.add_argument("--exit-layers", type=int, nargs="+", default=[8, 14, 20], help="self-speculative E")
+    parser.add_argument(
+        "--min-confidences",
+        type=float,
+        nargs="*",
+        default=[],
+        help="extra measured-policy speculative rows whose rows stop drafting below this draft probability",
+    )
     parser.add_argument("--self-gamma", type=int, default=4, help="self-speculative γ")
     parser.add_argument("--lookup-gammas", type=int, nargs="+", default=[2, 4], help="prompt-lookup γ")
     parser.add_argument("--max-ngram", type=int, default=3, help="prompt-lookup n-gram")

@@ -1,8 +1,8 @@
 """Job throughput: refill batching vs static batches (ours, and HF `generate`) on rows of varied length.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_throughput.py [--model qwen2.5-coder-0.5b] [--dtype float32]
-        [--prompt-set default|humaneval] [--preset balanced] [--prompts 16] [--samples 2] [--max-new-tokens 128]
-        [--batch-sizes 4 8 16 32] [--modes eos fixed] [--repeats 3] [--threads N]
+        [--prompt-set default|humaneval] [--preset balanced] [--prompts 16] [--samples 2]
+        [--max-new-tokens 128] [--batch-sizes 4 8 16 32] [--modes eos fixed] [--repeats 3] [--threads N]
 
 What a user waits for is a whole job: every (prompt, sample) row, each stopping at its own EOS. The job
 here is a prompt set as chat turns, ``--samples`` rows per prompt (own seed each), up to
@@ -17,7 +17,8 @@ Three paths generate it with ``B`` rows at a time:
 - ``HF``: HF `generate` once per chunk of B rows (left-padded, stops at EOS), tokens counted up to EOS.
 
 Mode ``eos`` stops rows at EOS and the set's stop strings (lengths vary); mode ``fixed`` is the control
-where lengths do not vary (``ignore_eos``, no stop strings; HF with ``eos_token_id=None``): refill should then not lose to static batching.
+where lengths do not vary (``ignore_eos``, no stop strings; HF with ``eos_token_id=None``): refill should
+then not lose to static batching.
 Each (mode, B) warms the paths up, then times refill, static, HF, refill, ... ``--repeats`` times.
 tok/s = new tokens of the job / wall seconds (prefill included): median [min–max] over repeats; ratios
 are per round (same repeat) then median [min–max]. Goal (issue 13): refill ≥ 1.3× static and ≥ 1.3× HF
@@ -86,7 +87,9 @@ def our_stop_strings(model: HFCausalLM, job: Job, ignore_eos: bool) -> StopStrin
     """The job's stop strings for our decoder (None in the fixed-length control or when the set has none)."""
     if ignore_eos or not job.stop_strings:
         return None
-    return StopStrings(job.stop_strings, lambda ids: model.tokenizer.decode(list(ids), skip_special_tokens=True))
+    return StopStrings(
+        job.stop_strings, lambda ids: model.tokenizer.decode(list(ids), skip_special_tokens=True)
+    )
 
 
 def hf_stop_kwargs(model: HFCausalLM, job: Job, ignore_eos: bool) -> dict[str, object]:
@@ -121,7 +124,12 @@ def static_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
     def run(n: int) -> Result:
         outs = [
             decoder.generate(
-                model, job.prompts[part], job.config, n, row_seeds=job.seeds[part], ignore_eos=ignore_eos,
+                model,
+                job.prompts[part],
+                job.config,
+                n,
+                row_seeds=job.seeds[part],
+                ignore_eos=ignore_eos,
                 stop_strings=stops,
             )
             for part in chunks(job, size)
@@ -231,9 +239,9 @@ def main() -> None:
     print_header(
         f"Job throughput: refill vs static batches vs HF generate ({args.model}, {DTYPE_SHORT[args.dtype]})",
         f"{len(job.prompts)} rows ({args.prompt_set} prompts × {args.samples} seeds"
-        f"{', stop strings ' + repr(job.stop_strings) if job.stop_strings else ''}), preset {args.preset}, up to "
-        f"{args.max_new_tokens} new tokens; median [min–max] of {args.repeats} alternating calls after a "
-        "warm-up; tok/s over the whole job, prefill included.",
+        f"{', stop strings ' + repr(job.stop_strings) if job.stop_strings else ''}), preset {args.preset}, "
+        f"up to {args.max_new_tokens} new tokens; median [min–max] of {args.repeats} alternating calls "
+        "after a warm-up; tok/s over the whole job, prefill included.",
     )
     measurements = [measure(model, job, mode, b, args) for mode in args.modes for b in args.batch_sizes]
     headers = ["lengths", "B", "mean / max tokens", "refill tok/s", "static tok/s", "HF tok/s"]

@@ -81,7 +81,9 @@ def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
         if key in cfg and cfg[key] < 1:
             raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
     if "min_confidence" in cfg and not 0.0 <= cfg["min_confidence"] < 1.0:
-        raise ConfigError(f"decoder.min_confidence={cfg['min_confidence']} is invalid: must be in [0, 1) (0: off)")
+        raise ConfigError(
+            f"decoder.min_confidence={cfg['min_confidence']} is invalid: must be in [0, 1) (0: off)"
+        )
     if "policy" in cfg and cfg["policy"] not in POLICIES:
         allowed = ", ".join(POLICIES)
         raise ConfigError(f"decoder.policy={cfg['policy']!r} is invalid: must be one of {allowed}")
