@@ -59,7 +59,10 @@ from sampling.decoding.stopping import StopStrings
 
 GOAL = 1.3
 """Minimum refill speedup over static batching and over HF when lengths vary (issue 13)."""
-MODES = {"eos": "lengths vary (EOS on)", "fixed": "lengths fixed (ignore EOS)"}
+MODES = {
+    "eos": "lengths vary (EOS and the set's stop strings end rows)",
+    "fixed": "lengths fixed (ignore EOS and stop strings)",
+}
 
 
 @dataclass(frozen=True)
