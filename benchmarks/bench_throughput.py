@@ -90,9 +90,7 @@ def our_stop_strings(model: HFCausalLM, job: Job, ignore_eos: bool) -> StopStrin
     """The job's stop strings for our decoder (None in the fixed-length control or when the set has none)."""
     if ignore_eos or not job.stop_strings:
         return None
-    return StopStrings(
-        job.stop_strings, lambda ids: model.tokenizer.decode(list(ids), skip_special_tokens=True)
-    )
+    return StopStrings.with_tokenizer(job.stop_strings, model.tokenizer)
 
 
 def hf_stop_kwargs(model: HFCausalLM, job: Job, ignore_eos: bool) -> dict[str, object]:

@@ -150,10 +150,7 @@ def decode_texts(
 
 def generation_options(spec: JobSpec, tokenizer: Any) -> dict[str, Any]:
     """The ``stop_strings`` / ``ignore_eos`` keywords of ``Decoder.generate`` for this job."""
-    stop_strings = None
-    if spec.stop_strings:
-        detokenize = functools.partial(tokenizer.decode, skip_special_tokens=True)
-        stop_strings = StopStrings(tuple(spec.stop_strings), lambda ids: detokenize(list(ids)))
+    stop_strings = StopStrings.with_tokenizer(spec.stop_strings, tokenizer) if spec.stop_strings else None
     return {"stop_strings": stop_strings, "ignore_eos": spec.ignore_eos}
 
 

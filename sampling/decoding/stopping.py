@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 Detokenize = Callable[[Sequence[int]], str]
 
@@ -43,6 +44,19 @@ class StopStrings:
     def __post_init__(self) -> None:
         if any(not isinstance(s, str) or not s for s in self.strings):
             raise ValueError(f"stop_strings={list(self.strings)!r} is invalid: must be non-empty strings")
+
+    @classmethod
+    def with_tokenizer(cls, strings: Sequence[str], tokenizer: Any) -> StopStrings:
+        """``strings`` matched on the text a tokenizer's ``decode`` gives, special tokens dropped (the text
+        the user sees).
+
+        >>> class Letters:
+        ...     def decode(self, ids, skip_special_tokens=False):
+        ...         return "".join("ab"[i] for i in ids)
+        >>> StopStrings.with_tokenizer(["ba"], Letters()).detokenize((0, 1, 0))
+        'aba'
+        """
+        return cls(tuple(strings), lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def start(self, num_rows: int) -> StopStringTracker:
         """A fresh per-call tracker for ``num_rows`` rows."""
