@@ -20,7 +20,7 @@ from sampling.decoding import (
     SpeculativeDecoder,
     verify_drafts,
 )
-from sampling.decoding.accounting import predicted_speedup
+from sampling.decoding.accounting import derive_rates, predicted_speedup
 from sampling.decoding.draft_verify import Drafts
 from sampling.decoding.prompt_lookup import lookup_draft
 from sampling.decoding.speculation_policy import HeuristicPolicy
@@ -209,6 +209,15 @@ def test_greedy_with_confident_drafts_only_equals_greedy_autoregressive(test_dev
         check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
         out = decoder.generate(target, prompts, greedy, 20)
         assert 0 < out.stats["drafted_tokens"] < 5 * out.stats["row_rounds"], "some drafts must be cut"
+
+
+def test_rounds_cut_short_report_the_drafts_made_not_the_gamma_chosen(target, draft, prompt):
+    """A draft this unsure of itself (vocab 16) is never 99% sure: each round drafts one column (the
+    last round none: one token of room left)."""
+    decoder = SpeculativeDecoder(draft, num_draft_tokens=3, min_confidence=0.99)
+    out = decoder.generate(target, [prompt], get_preset("balanced"), 12, row_seeds=[7])
+    assert out.stats["draft_tokens_offered"] == out.stats["drafted_tokens"] == out.draft_forwards
+    assert 0 < derive_rates(out.stats)["mean_num_draft_tokens"] <= 1
 
 
 def check_greedy_equals_autoregressive(decoder, target, prompts, greedy):

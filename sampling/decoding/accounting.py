@@ -149,9 +149,9 @@ class RoundTally:
         accepted: torch.Tensor,
         overlap: torch.Tensor,
         active: torch.Tensor,
-        gamma: int,
     ) -> tuple[float, float]:
-        """One round: ``draft_lengths``, ``accepted``, ``active`` [B]; ``overlap`` [B, γ]; γ offered.
+        """One round: ``draft_lengths``, ``accepted``, ``active`` [B]; ``overlap`` [B, γ] with γ the columns
+        drafted (fewer than the policy chose when every row's draft was unsure before the end).
         Returns (verified draft positions, Σ overlap over them)."""
         lengths = torch.where(active, draft_lengths, 0)
         accepted = torch.where(active, accepted, 0)
@@ -159,7 +159,7 @@ class RoundTally:
         columns = torch.arange(overlap.shape[1], device=lengths.device)
         reached = columns < verified.unsqueeze(1)
         self.add("rounds", 1)
-        self.add("draft_tokens_offered", gamma)
+        self.add("draft_tokens_offered", overlap.shape[1])
         self.add("drafted_tokens", lengths.sum())
         self.add("accepted_tokens", accepted.sum())
         self.add("verified_tokens", verified.sum())

@@ -254,6 +254,7 @@ class DraftVerifyDecoder:
             seeds=seeds.to(device),
             sampler=TokenSampler(config),
             target_cache=model.new_cache(),
+            active=torch.ones(batch, dtype=torch.bool, device=device),
         )
         state.sampler_state = state.sampler.initial_state(batch, device)
         out = GenerationOutput(
@@ -285,6 +286,7 @@ class DraftVerifyDecoder:
     def _round(self, model: CausalLM, call: _Call) -> None:
         """Draft, score, verify, emit, then roll the caches back to what was kept."""
         state, out, tally, device = call.state, call.out, call.tally, model.device
+        active = state.active = torch.tensor([not f for f in call.finished], device=device)
         room = call.room()
         gamma = min(call.policy.next_gamma(), room - 1) if room > 1 else 0
         prediction = call.policy.prediction(gamma)
@@ -297,12 +299,11 @@ class DraftVerifyDecoder:
         tick = time.perf_counter()
         probs = state.distributions(logits, drafts.tokens)
         verdict = verify_drafts(probs, drafts, state.seeds, state.emitted)
-        active = torch.tensor([not f for f in call.finished], device=device)
         state.commit_state(logits, drafts.tokens, verdict.accepted, verdict.next_token, active)
         out.sampler_seconds += time.perf_counter() - tick
         out.sampler_calls += 1
 
-        verified, overlap = tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active, gamma)
+        verified, overlap = tally.record(drafts.lengths, verdict.accepted, verdict.overlap, active)
         new_tokens, released = self._emit(call, drafts, verdict, logits, probs)
         self._advance(model, call, drafts, verdict, active)
         done = _clock(device)

@@ -73,6 +73,8 @@ class RoundState:
     seeds: torch.Tensor
     sampler: TokenSampler
     target_cache: Any
+    active: torch.Tensor
+    """[B] bool: rows still decoding (a finished row's drafts are scored with the batch but ignored)."""
     draft_forwards: int = 0
     sampler_state: SamplerState | None = None
     position_states: list[SamplerState | None] = field(default_factory=list)

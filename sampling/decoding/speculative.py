@@ -26,6 +26,32 @@ def draft_confidence(logits: torch.Tensor, drafts: torch.Tensor) -> torch.Tensor
     return torch.softmax(logits.float(), dim=-1).gather(1, drafts.unsqueeze(1)).squeeze(1)
 
 
+def end_unsure_drafts(
+    lengths: torch.Tensor,
+    confidence: torch.Tensor,
+    min_confidence: float,
+    position: int,
+    active: torch.Tensor,
+) -> bool:
+    """Rows still drafting whose draft at ``position`` had ``confidence`` < ``min_confidence`` keep it and
+    stop there (``lengths`` set to position + 1, in place). True when no *active* row drafts on: a row
+    that already finished must not keep a round's drafting going.
+
+    >>> lengths = torch.tensor([3, 3, 3])
+    >>> end_unsure_drafts(lengths, torch.tensor([0.9, 0.1, 0.9]), 0.5, 0, torch.tensor([True, True, False]))
+    False
+    >>> lengths.tolist()
+    [3, 1, 3]
+    >>> end_unsure_drafts(lengths, torch.tensor([0.1, 0.1, 0.9]), 0.5, 1, torch.tensor([True, True, False]))
+    True
+    >>> lengths.tolist()
+    [2, 1, 3]
+    """
+    unsure = (confidence < min_confidence) & (lengths > position + 1)
+    lengths[unsure] = position + 1
+    return bool((lengths[active] <= position + 1).all())
+
+
 class DraftModelSession(DraftSession):
     """One call's draft model cache, and how many of the batch's positions it holds.
 
@@ -63,7 +89,9 @@ class DraftModelSession(DraftSession):
             q = state.draft_distribution(logits, drafts[:, :i], sampler_state)
             drafts[:, i] = sample_from_probs(q, state.seeds, state.emitted + i)
             probs.append(q)
-            if self.min_confidence > 0 and self._cut_unsure(lengths, logits, drafts[:, i], i):
+            if self.min_confidence > 0 and end_unsure_drafts(
+                lengths, draft_confidence(logits, drafts[:, i]), self.min_confidence, i, state.active
+            ):
                 return Drafts(drafts[:, : i + 1], torch.stack(probs, dim=1), lengths)
             sampler_state = state.advance_draft_state(sampler_state, logits, drafts[:, : i + 1])
             if i + 1 < gamma:
@@ -71,13 +99,6 @@ class DraftModelSession(DraftSession):
                 logits = self._forward(drafts[:, i : i + 1], mask)
                 state.draft_forwards += 1
         return Drafts(drafts, torch.stack(probs, dim=1), lengths)
-
-    def _cut_unsure(self, lengths: torch.Tensor, logits: torch.Tensor, drafted: torch.Tensor, i: int) -> bool:
-        """End the drafts of rows still drafting whose draft ``i`` was unsure (they keep it: length
-        i + 1); True when no row drafts on."""
-        unsure = (draft_confidence(logits, drafted) < self.min_confidence) & (lengths > i + 1)
-        lengths[unsure] = i + 1
-        return bool((lengths <= i + 1).all())
 
     def rollback(self, keep: int) -> None:
         if self.cached > keep:
