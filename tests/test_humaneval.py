@@ -95,6 +95,26 @@ def test_canonical_solutions_pass_and_wrong_ones_fail_in_both_modes():
                                 "detail": "AssertionError", "completion": "    return number\n"}  # fmt: skip
 
 
+def test_a_replys_own_wrong_asserts_and_a_cut_off_tail_do_not_fail_a_correct_function():
+    """Seen on Qwen2.5-Coder-0.5B: a correct function, then the model's own (wrong) checks, then prints cut
+    off at the token budget. The tests judge the function; run as extracted, the tail would fail it."""
+    problem = PROBLEMS["HumanEval/2"]
+    reply = (
+        "```python\nimport math\n\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n\n"
+        "# Test cases\nassert truncate_number(3.5) == 0.4\nprint(truncate_number(2.25), truncate_number(["
+    )
+    completions = [
+        ("HumanEval/2", 0, completion_from_generation(reply, chat_template=True)),
+        ("HumanEval/2", 1, extract_code(reply)),
+    ]
+    results = score_samples({problem.task_id: problem}, completions, timeout_s=10, workers=2)
+    assert [result.status for result in results] == ["passed", "error"]
+    assert (
+        completions[0][2]
+        == "import math\ndef truncate_number(number: float) -> float:\n    return number % 1.0"
+    )
+
+
 @pytest.mark.slow
 def test_every_canonical_solution_passes_in_the_sandbox():
     completions = [(task_id, 0, CANONICAL[task_id]) for task_id in PROBLEMS]

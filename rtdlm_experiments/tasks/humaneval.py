@@ -2,12 +2,14 @@
 code extraction, program assembly and pass@k scoring through the sandbox.
 
 Two prompt modes: with a chat template the problem is a user turn and the model replies with the whole
-function (code = the reply's first fenced python block, else the reply); without one the model continues
-the raw prompt (code = the continuation cut at the first :data:`STOP_SEQUENCES`).
+function (code = the definitions in the reply's first fenced python block, else in the reply:
+`keep_definitions`); without one the model continues the raw prompt (code = the continuation cut at the
+first :data:`STOP_SEQUENCES`).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -112,9 +114,50 @@ def extract_code(reply: str) -> str:
     return match.group(1) if match else reply
 
 
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Assign,
+                ast.AnnAssign)  # fmt: skip
+
+
+def keep_definitions(code: str) -> str:
+    """The code's top-level imports, definitions and assignments, without the statements that would run
+    on import: a reply's own example prints and asserts (sometimes wrong) are not the problem's tests,
+    just as a continuation is cut at ``"\\nprint("`` and ``"\\nassert "``. A reply cut at the token budget
+    ends mid-statement: its last lines go until the rest parses. Code that never parses comes back as it
+    was (the sandbox reports its error).
+
+    >>> print(keep_definitions("import math\\ndef f(x):\\n    return x\\n\\nprint(f(1))\\nassert f(2) == 3"))
+    import math
+    def f(x):
+        return x
+    >>> print(keep_definitions("def f():\\n    return 1\\n\\n# Tests\\nprint(f([1, 2,"))
+    def f():
+        return 1
+    >>> keep_definitions("    return x +")
+    '    return x +'
+    """
+    lines = code.splitlines()
+    for end in range(len(lines), 0, -1):
+        try:
+            tree = ast.parse("\n".join(lines[:end]))
+        except SyntaxError:
+            continue
+        kept = [node for node in tree.body if isinstance(node, _DEFINITIONS)]
+        if kept:
+            return "\n".join("\n".join(lines[_first_line(node) - 1 : node.end_lineno]) for node in kept)
+        break
+    return code
+
+
+def _first_line(node: ast.stmt) -> int:
+    """A statement's first line, its decorators included."""
+    decorators = getattr(node, "decorator_list", [])
+    return min([node.lineno] + [decorator.lineno for decorator in decorators])
+
+
 def completion_from_generation(generated: str, chat_template: bool) -> str:
-    """The code a generation contributes: the extracted block (chat) or the cut continuation."""
-    return extract_code(generated) if chat_template else truncate_at_stop(generated)
+    """The code a generation contributes: the extracted block's definitions (chat) or the cut
+    continuation."""
+    return keep_definitions(extract_code(generated)) if chat_template else truncate_at_stop(generated)
 
 
 def assemble_program(problem: Problem, completion: str) -> str:
