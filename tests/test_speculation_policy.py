@@ -80,7 +80,7 @@ def report(gamma: int, verify: float, overlap_per_draft: float = 0.0, draft: flo
 
 
 def test_measured_policy_warms_up_then_switches_off_when_verification_is_steep():
-    policy = MeasuredPolicy(gamma_max=4, probe_every=5)
+    policy = MeasuredPolicy(gamma_max=4, probe_every=5, max_probe_every=20)
     warmup = []
     for _ in range(4):
         gamma = policy.next_gamma()
@@ -89,12 +89,13 @@ def test_measured_policy_warms_up_then_switches_off_when_verification_is_steep()
         policy.observe(report(gamma, verify=1.0 + gamma, overlap_per_draft=0.6, draft=0.1 * gamma))
     assert warmup == [0, 4, 0, 4]
     chosen = []
-    for _ in range(12):
+    for _ in range(60):
         gamma = policy.next_gamma()
         chosen.append(gamma)
         policy.observe(report(gamma, verify=1.0 + gamma, overlap_per_draft=0.6, draft=0.1 * gamma))
-    assert chosen.count(0) == 10 and all(policy.is_off(0) for _ in chosen)
-    assert [i for i, g in enumerate(chosen) if g] == [4, 9]  # a probe every probe_every off rounds
+    assert chosen.count(0) == 56 and all(policy.is_off(0) for _ in chosen)
+    # a probe after probe_every off rounds; each that leaves speculation off doubles the wait, up to the cap
+    assert [i for i, g in enumerate(chosen) if g] == [4, 14, 34, 54]
 
 
 def test_measured_policy_turns_speculation_back_on_when_acceptance_rises():
@@ -108,6 +109,7 @@ def test_measured_policy_turns_speculation_back_on_when_acceptance_rises():
         gamma = policy.next_gamma()
         policy.observe(report(gamma, costs[gamma], overlap_per_draft=1.0, draft=0.05 * gamma))
     assert policy.next_gamma() == 4 and policy.alpha > 0.9
+    assert policy.probe_wait == 3  # back on: the next switch-off probes after probe_every rounds again
     prediction = policy.prediction(4)
     assert prediction is not None and prediction[0] == pytest.approx(expected_tokens(policy.alpha, 4))
 
@@ -207,3 +209,46 @@ def test_a_round_without_drafts_found_is_timed_as_a_plain_step():
     policy.observe(RoundReport(4, False, 0.0, 0.0, 0.001, 1.0, scored=0))
     policy.observe(RoundReport(4, False, 0.0, 0.0, 0.001, 3.0, scored=2))
     assert policy.verify_costs == {1: 1.0, 3: 3.0}
+
+
+class Scripted(ConstantPolicy):
+    """Offers the γ of ``script`` in turn (then its last one) and keeps every report it observes."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(script[-1])
+        self.script, self.reports = list(script), []
+
+    def next_gamma(self) -> int:
+        return self.script.pop(0) if len(self.script) > 1 else self.script[0]
+
+    def observe(self, report: RoundReport) -> None:
+        self.reports.append(report)
+
+
+class Widths(Timed):
+    """Records the width of every forward; each input token costs ``per_token`` seconds."""
+
+    def __init__(self, model: HFCausalLM, per_token: float) -> None:
+        super().__init__(model, base=0.0, per_token=per_token)
+        self.widths: list[int] = []
+
+    def forward(self, input_ids, cache, attention_mask=None, last_positions=None):
+        self.widths.append(input_ids.shape[1])
+        return super().forward(input_ids, cache, attention_mask, last_positions)
+
+
+def test_tokens_from_plain_rounds_are_caught_up_outside_the_drafts_timing(tiny, monkeypatch):
+    """After plain rounds the draft model has a backlog; charging it to the next round's drafts would
+    inflate d, the per-draft cost, and keep a policy that switched speculation off from switching back."""
+    policy = Scripted([0] * 8 + [3])
+    monkeypatch.setattr("sampling.decoding.draft_verify.make_policy", lambda name, gamma: policy)
+    draft = Widths(tiny, per_token=0.01)
+    greedy = get_preset("deterministic")
+    out = SpeculativeDecoder(draft, num_draft_tokens=3).generate(tiny, [PROMPTS[0]], greedy, 16)
+    assert out.token_ids == AutoregressiveDecoder().generate(tiny, [PROMPTS[0]], greedy, 16).token_ids
+    first = next(i for i, r in enumerate(policy.reports) if r.gamma)
+    caught_up = policy.reports[first]
+    assert caught_up.catch_up_seconds >= 0.07  # the 8 plain rounds' tokens (all but the pending one)
+    assert caught_up.draft_seconds < 0.07  # its 3 drafts, one token each
+    prompt_prefill, catch_up, *drafting = draft.widths
+    assert (prompt_prefill, catch_up) == (len(PROMPTS[0]) - 1, 8) and max(drafting) <= 2

@@ -193,4 +193,5 @@ class RoundTally:
         self.add("predicted_ar_seconds", tokens * ar_step)
         self.add("predicted_round_seconds", seconds)
         self.add("measured_ar_seconds", emitted_per_row * ar_step)
-        self.add("measured_round_seconds", report.draft_seconds + report.verify_seconds)
+        round_seconds = report.catch_up_seconds + report.draft_seconds + report.verify_seconds
+        self.add("measured_round_seconds", round_seconds)

@@ -290,8 +290,7 @@ class DraftVerifyDecoder:
         room = call.room()
         gamma = min(call.policy.next_gamma(), room - 1) if room > 1 else 0
         prediction = call.policy.prediction(gamma)
-        start = _clock(device)
-        drafts = call.session.propose(state, gamma) if gamma else no_drafts(len(call.finished), device)
+        drafts, catch_up_seconds, draft_seconds = self._draft(call, gamma, device)
         drafted = _clock(device)
         logits = call.session.score(state, drafts)
         tally.add("verify_seconds", _clock(device) - drafted)
@@ -309,13 +308,26 @@ class DraftVerifyDecoder:
         done = _clock(device)
         all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
         scored = drafts.tokens.shape[1]
-        report = RoundReport(gamma, all_passed, overlap, verified, drafted - start, done - drafted, scored)
+        report = RoundReport(
+            gamma, all_passed, overlap, verified, draft_seconds, done - drafted, scored, catch_up_seconds
+        )
         call.policy.observe(report)
         emitted_per_row = float((verdict.accepted + 1)[active].float().mean())
-        tally.add("draft_seconds", report.draft_seconds)
+        tally.add("draft_seconds", report.catch_up_seconds + report.draft_seconds)
         tally.record_policy(report, call.policy.is_off(gamma), prediction, emitted_per_row)
         if call.progress is not None:
             call.progress(new_tokens, released)
+
+    @staticmethod
+    def _draft(call: _Call, gamma: int, device: torch.device) -> tuple[Drafts, float, float]:
+        """The round's drafts, and the seconds spent catching the drafter up and then drafting."""
+        if not gamma:
+            return no_drafts(len(call.finished), device), 0.0, 0.0
+        start = _clock(device)
+        call.session.catch_up(call.state)
+        caught_up = _clock(device)
+        drafts = call.session.propose(call.state, gamma)
+        return drafts, caught_up - start, _clock(device) - caught_up
 
     @staticmethod
     def _advance(

@@ -7,7 +7,8 @@ maximises the predicted speedup over plain decoding, from costs measured on this
 
 where v(k) is the measured seconds of a round that scores k tokens with the target (its forward plus the
 round's sampling and bookkeeping: everything but drafting), v(1) is a plain autoregressive step in the same
-loop, d the measured seconds per draft token and α̂ a running estimate of the per-draft acceptance. γ = 0
+loop, d the measured seconds per draft token (not counting a draft model's catch-up on the tokens of
+plain rounds, a one-off cost of switching back on) and α̂ a running estimate of the per-draft acceptance. γ = 0
 (speculation off) is a plain autoregressive round; it wins whenever no γ ≥ 1 is predicted to beat 1.
 
 Costs come from the call's first rounds, not from extra forwards: the warm-up runs γ = 0, γ_max, 0, γ_max
@@ -100,8 +101,10 @@ def choose_gamma(
 class RoundReport:
     """What a policy learns from one round: ``gamma`` offered, whether every active row accepted all its
     drafts, the overlap Σ min(p, q) summed over the ``verified`` draft positions, the round's seconds
-    spent drafting and in the rest (target scoring, sampling, bookkeeping), and ``scored`` the draft
-    columns the target actually scored (fewer than γ when no row found γ drafts, e.g. prompt lookup)."""
+    spent drafting and in the rest (target scoring, sampling, bookkeeping), ``scored`` the draft
+    columns the target actually scored (fewer than γ when no row found γ drafts, e.g. prompt lookup), and
+    ``catch_up_seconds`` the drafter spent first on tokens emitted by plain rounds (a switching cost,
+    kept out of the per-draft cost d)."""
 
     gamma: int
     all_passed: bool
@@ -110,6 +113,7 @@ class RoundReport:
     draft_seconds: float
     verify_seconds: float
     scored: int | None = None
+    catch_up_seconds: float = 0.0
 
     @property
     def tokens_scored(self) -> int:
@@ -155,6 +159,7 @@ class MeasuredPolicy:
 
     gamma_max: int
     probe_every: int = 16
+    max_probe_every: int = 256
     decay: float = 0.9
     prior_alpha: float = 0.5
     prior_weight: float = 2.0
@@ -166,11 +171,14 @@ class MeasuredPolicy:
     overlap: float = 0.0
     verified: float = 0.0
     off_streak: int = 0
+    probe_wait: int = 0
+    """Plain rounds before the next probe: ``probe_every``, doubled by each probe that left it off."""
     decided: bool = False
     """Whether the last γ was the policy's choice (not a warm-up round)."""
 
     def __post_init__(self) -> None:
         self.draft_step_seconds = deque(maxlen=self.window)
+        self.probe_wait = self.probe_every
         if not self.warmup:
             self.warmup = [0, self.gamma_max, 0, self.gamma_max]
 
@@ -202,12 +210,12 @@ class MeasuredPolicy:
             return self.gamma_max if 1 in self.verify_seconds else 0
         gamma = choose_gamma(self.alpha, self.gamma_max, self.draft_step, self.verify_costs)
         if gamma:
-            self.off_streak = 0
+            self.off_streak, self.probe_wait = 0, self.probe_every
             return gamma
         self.off_streak += 1
-        if self.off_streak < self.probe_every:
+        if self.off_streak < self.probe_wait:
             return 0
-        self.off_streak = 0
+        self.off_streak, self.probe_wait = 0, min(2 * self.probe_wait, self.max_probe_every)
         speedups = {g: self.predicted_speedup(g) for g in range(1, self.gamma_max + 1)}
         return max(speedups, key=speedups.__getitem__)
 

@@ -77,6 +77,13 @@ class DraftModelSession(DraftSession):
         self.cached = mask.shape[1]
         return logits[:, -1]
 
+    def catch_up(self, state: RoundState) -> None:
+        # A drafting round leaves at most two tokens unseen (its last draft, if kept, and the pending
+        # token), which propose's first forward takes; a longer backlog means plain rounds ran since.
+        if state.width - self.cached > 2:
+            self._forward(state.tokens[:, self.cached : -1], state.attention_mask[:, :-1])
+            state.draft_forwards += 1
+
     def propose(self, state: RoundState, gamma: int) -> Drafts:
         batch = state.tokens.shape[0]
         mask = state.attention_mask
