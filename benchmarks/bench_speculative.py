@@ -7,12 +7,14 @@
         [--policies constant measured] [--min-confidences 0.4] [--num-prompts 2] [--max-new-tokens 48]
         [--repeats 3] [--no-hf] [--threads N] [--device cpu|cuda] [--target NAME] [--draft NAME]
 
-Target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b, batch 1: one generate call per prompt, tok/s = new
-tokens of all prompts / their wall seconds (prefill included). Every path generates exactly
---max-new-tokens (EOS ignored on both sides, see `_common`). Per (dtype, preset, prompt kind) cell every
-path is warmed up once, then all run in turn, --repeats times (≥ 3): tok/s and speedups are medians, with
-the min–max over the repeats beside them (a speedup is paired per repeat: ours in repeat i over AR in
-repeat i, which ran moments apart).
+Target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b, batch 1: ours run the prompts in one generate call
+one row at a time (``max_batch_size=1``, as a job does, so the measured policy's costs carry from one
+prompt to the next), HF one call per prompt (only HF's "heuristic" schedule carries its draft length from
+call to call; its default dynamic one starts each call afresh); tok/s = new tokens of all prompts / their
+wall seconds (prefill included). Every path generates exactly --max-new-tokens (EOS ignored on both sides,
+see `_common`). Per (dtype, preset, prompt kind) cell every path is warmed up once, then all run in turn,
+--repeats times (≥ 3): tok/s and speedups are medians, with the min–max over the repeats beside them (a
+speedup is paired per repeat: ours in repeat i over AR in repeat i, which ran moments apart).
 
 Policies (``--policies``): ``constant`` offers γ drafts every round (one row per γ); ``measured`` chooses
 γ in 0..γ_max per round from this call's measured cost curve and acceptance (`speculation_policy`), with
@@ -130,12 +132,12 @@ class Variant:
 
 
 def ours(cell: Cell, decoder: Decoder) -> GenerationPath:
-    """``decoder`` on the target, one generate call per prompt."""
+    """``decoder`` on the target: one generate call for the cell's prompts, one row at a time, as a job
+    with ``batch_size=1`` runs them (the measured policy's costs then carry from one prompt to the next)."""
 
     def run(max_new_tokens: int) -> Result:
-        outs = [decoder.generate(cell.target, [p], cell.config, max_new_tokens) for p in cell.prompts]
-        decode_seconds = sum(o.decode_seconds for o in outs)
-        return Result([o.token_ids[0] for o in outs], [o.stats for o in outs], decode_seconds)
+        out = decoder.generate(cell.target, cell.prompts, cell.config, max_new_tokens, max_batch_size=1)
+        return Result(out.token_ids, [out.stats], out.decode_seconds)
 
     return run
 
