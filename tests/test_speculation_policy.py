@@ -248,7 +248,14 @@ def test_tokens_from_plain_rounds_are_caught_up_outside_the_drafts_timing(tiny, 
     assert out.token_ids == AutoregressiveDecoder().generate(tiny, [PROMPTS[0]], greedy, 16).token_ids
     first = next(i for i, r in enumerate(policy.reports) if r.gamma)
     caught_up = policy.reports[first]
-    assert caught_up.catch_up_seconds >= 0.07  # the 8 plain rounds' tokens (all but the pending one)
+    assert caught_up.catch_up_seconds >= 0.11  # the prompt and 8 plain rounds, less the pending token
     assert caught_up.draft_seconds < 0.07  # its 3 drafts, one token each
-    prompt_prefill, catch_up, *drafting = draft.widths
-    assert (prompt_prefill, catch_up) == (len(PROMPTS[0]) - 1, 8) and max(drafting) <= 2
+    catch_up, *drafting = draft.widths
+    assert catch_up == len(PROMPTS[0]) - 1 + 8 and max(drafting) <= 2
+
+
+def test_a_call_that_never_drafts_never_runs_the_draft_model(tiny, monkeypatch):
+    monkeypatch.setattr("sampling.decoding.draft_verify.make_policy", lambda name, gamma: Scripted([0]))
+    draft = Widths(tiny, per_token=0.0)
+    SpeculativeDecoder(draft).generate(tiny, PROMPTS, get_preset("deterministic"), 8)
+    assert draft.widths == []

@@ -129,6 +129,7 @@ COUNT_KEYS = (
     "emitted_tokens",
     "draft_steps",
     "draft_seconds",
+    "catch_up_seconds",
     "verify_seconds",
     "speculation_off_rounds",
 )

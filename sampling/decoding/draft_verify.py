@@ -313,7 +313,8 @@ class DraftVerifyDecoder:
         )
         call.policy.observe(report)
         emitted_per_row = float((verdict.accepted + 1)[active].float().mean())
-        tally.add("draft_seconds", report.catch_up_seconds + report.draft_seconds)
+        tally.add("draft_seconds", report.draft_seconds)
+        tally.add("catch_up_seconds", report.catch_up_seconds)
         tally.record_policy(report, call.policy.is_off(gamma), prediction, emitted_per_row)
         if call.progress is not None:
             call.progress(new_tokens, released)

@@ -200,10 +200,10 @@ class DraftSession:
         self.target = target
 
     def catch_up(self, state: RoundState) -> None:
-        """Before a drafting round: bring the drafter's own state up to date with tokens emitted by
-        plain (γ = 0) rounds since it last drafted; a one-off cost of switching speculation back on, which
-        `propose` would otherwise charge to the round's drafts. Nothing to do when the drafter shares
-        the target's cache."""
+        """Before a drafting round: bring the drafter's own state up to date with the prompt (first time)
+        and the tokens emitted by plain (γ = 0) rounds since it last drafted; a one-off cost of switching
+        speculation (back) on, which `propose` would otherwise charge to the round's drafts. Nothing to
+        do when the drafter shares the target's cache."""
 
     def propose(self, state: RoundState, gamma: int) -> Drafts:
         raise NotImplementedError

@@ -61,16 +61,12 @@ class DraftModelSession(DraftSession):
     (its logits and its draws), so each emitted token is still distributed as the target's (lossless).
     """
 
-    def __init__(
-        self, target: CausalLM, draft_model: CausalLM, state: RoundState, min_confidence: float = 0.0
-    ) -> None:
+    def __init__(self, target: CausalLM, draft_model: CausalLM, min_confidence: float = 0.0) -> None:
         super().__init__(target)
         self.draft_model = draft_model
         self.min_confidence = min_confidence
         self.cache: Any = draft_model.new_cache()
-        self.cached = 0
-        if state.width > 1:
-            self._forward(state.tokens[:, :-1], state.attention_mask[:, :-1])
+        self.cached = 0  # the prompt is prefilled by the first catch_up: never, if the policy never drafts
 
     def _forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits = self.draft_model.forward(inputs.clamp(min=0), self.cache, mask, last_positions=1)
@@ -79,10 +75,9 @@ class DraftModelSession(DraftSession):
 
     def catch_up(self, state: RoundState) -> None:
         # A drafting round leaves at most two tokens unseen (its last draft, if kept, and the pending
-        # token), which propose's first forward takes; a longer backlog means plain rounds ran since.
+        # token), which propose's first forward takes; a longer backlog is the prompt or plain rounds.
         if state.width - self.cached > 2:
             self._forward(state.tokens[:, self.cached : -1], state.attention_mask[:, :-1])
-            state.draft_forwards += 1
 
     def propose(self, state: RoundState, gamma: int) -> Drafts:
         batch = state.tokens.shape[0]
@@ -137,4 +132,4 @@ class SpeculativeDecoder(DraftVerifyDecoder):
                 f"draft vocab ({self.draft_model.vocab_size}) differs from the target's "
                 f"({target.vocab_size}): speculative decoding needs a draft with the target's tokenizer"
             )
-        return DraftModelSession(target, self.draft_model, state, self.min_confidence)
+        return DraftModelSession(target, self.draft_model, self.min_confidence)
