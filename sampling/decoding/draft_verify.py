@@ -309,7 +309,14 @@ class DraftVerifyDecoder:
         all_passed = bool((verdict.accepted[active] >= drafts.lengths[active]).all())
         scored = drafts.tokens.shape[1]
         report = RoundReport(
-            gamma, all_passed, overlap, verified, draft_seconds, done - drafted, scored, catch_up_seconds
+            gamma,
+            all_passed,
+            overlap,
+            verified,
+            draft_seconds,
+            done - drafted,
+            scored=scored,
+            catch_up_seconds=catch_up_seconds,
         )
         call.policy.observe(report)
         emitted_per_row = float((verdict.accepted + 1)[active].float().mean())
