@@ -111,8 +111,17 @@ def run(config: dict) -> None:
     else:
         _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
     os.chdir(config["workdir"])
+    _keep_marker_pipe_at_fd_3(config["marker_fd"])
     python = config["python"]
     os.execve(python, [python, "-I", *config["argv"]], config["env"])
+
+
+def _keep_marker_pipe_at_fd_3(fd: int) -> None:
+    """The program's end-marker pipe is fd 3 (the runner's appended last statement writes there)."""
+    if fd != 3:
+        os.dup2(fd, 3)
+        os.close(fd)
+    os.set_inheritable(3, True)
 
 
 def _processes_of(uid: int) -> list[int]:

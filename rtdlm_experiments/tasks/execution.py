@@ -15,8 +15,11 @@ What it does not stop: reading files that are world-readable, using CPU and memo
 kernel exploits. It is a guard against accidents and careless code, not a security boundary for
 adversaries.
 
-Outcomes (:func:`classify_outcome`): ``passed`` = exit code 0; ``failed`` = the program ran to its end
-and said no (an ``AssertionError`` from its tests, or a non-zero exit without a traceback); ``error`` = it
+Outcomes (:func:`classify_outcome`): ``passed`` = exit code 0 **and** the program reached its end: the
+runner appends a last statement that writes a random nonce to a pipe only it reads (fd
+:data:`END_MARKER_FD`), so a program that stops early with exit code 0 (``os._exit(0)``, ``sys.exit(0)``,
+``exit()``, ``raise SystemExit``) or prints a marker text does not pass; ``failed`` = the program ran to its
+end and said no (an ``AssertionError`` from its tests, or a non-zero exit without a traceback); ``error`` = it
 crashed (any other exception, e.g. SyntaxError or MemoryError), was killed by a signal (CPU limit, file
 size limit) or the sandbox could not be set up; ``timeout`` = killed by the wall clock. ``detail`` is the
 last line of stderr.
@@ -28,6 +31,7 @@ import json
 import math
 import os
 import re
+import secrets
 import selectors
 import shutil
 import signal
@@ -52,6 +56,10 @@ data; a leftover child keeping them open is killed after this)."""
 REAP_PATIENCE_S = 5.0
 """How long killed processes may take to disappear (be reaped by their parent) before their uid is
 retired."""
+END_MARKER_FD = 3
+"""The program's fd of the pipe its last statement writes the nonce to (see :func:`with_end_marker`)."""
+END_MARKER_LIMIT = 4096
+"""Bytes of the marker pipe read and kept (an honest program writes only the nonce)."""
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
@@ -66,6 +74,8 @@ class ExecutionResult:
     """The process's exit code (negative: killed by that signal); None on timeout."""
     stdout: str = ""
     """The first ``max_output_bytes`` of stdout."""
+    reached_end: bool = False
+    """Whether the program's last statement (the runner's end marker) ran."""
 
 
 @dataclass(frozen=True)
@@ -110,14 +120,19 @@ class Isolation:
         return "+".join(parts)
 
 
+EXITED_EARLY = "exited with code 0 before the end of the program"
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Warning)\b")
 
 
-def classify_outcome(exit_code: int | None, stderr: str, timed_out: bool) -> tuple[str, str]:
+def classify_outcome(
+    exit_code: int | None, stderr: str, timed_out: bool, reached_end: bool = True
+) -> tuple[str, str]:
     """``(status, detail)`` of a finished program (see the module docstring for the rules).
 
     >>> classify_outcome(0, "", False)
     ('passed', '')
+    >>> classify_outcome(0, "", False, reached_end=False)
+    ('failed', 'exited with code 0 before the end of the program')
     >>> classify_outcome(1, "Traceback (most recent call last):\\n  ...\\nAssertionError: 3 != 4\\n", False)
     ('failed', 'AssertionError: 3 != 4')
     >>> classify_outcome(1, "Traceback (most recent call last):\\n  ...\\nNameError: name 'x'\\n", False)
@@ -134,7 +149,7 @@ def classify_outcome(exit_code: int | None, stderr: str, timed_out: bool) -> tup
     if timed_out:
         return "timeout", last or "killed at the wall-clock timeout"
     if exit_code == 0:
-        return "passed", ""
+        return ("passed", "") if reached_end else ("failed", EXITED_EARLY)
     if exit_code is not None and exit_code < 0:
         return "error", last or f"killed by {signal.Signals(-exit_code).name}"
     if last.startswith("sandbox: setup failed"):
@@ -146,6 +161,18 @@ def classify_outcome(exit_code: int | None, stderr: str, timed_out: bool) -> tup
     return "failed", last or f"exit code {exit_code}"
 
 
+def with_end_marker(source: str, nonce: str) -> str:
+    """``source`` followed by a last statement that writes ``nonce`` to :data:`END_MARKER_FD`: it runs only
+    if every statement before it ran to its end (a code-executing task puts its ``check(...)`` call last).
+
+    >>> print(with_end_marker("check(f)", "ab12"), end="")
+    check(f)
+    <BLANKLINE>
+    __import__("os").write(3, b"ab12")
+    """
+    return f'{source}\n\n__import__("os").write({END_MARKER_FD}, b"{nonce}")\n'
+
+
 def run_program(
     source: str,
     timeout_s: float = 5.0,
@@ -153,16 +180,18 @@ def run_program(
     limits: SandboxLimits | None = None,
     isolation: Isolation | None = None,
 ) -> ExecutionResult:
-    """Run ``source`` as a Python program in the sandbox and return its outcome. ``isolation`` defaults
-    to the most this machine allows (:func:`sandbox_isolation`); pass less only to test weaker set-ups."""
+    """Run ``source`` as a Python program in the sandbox and return its outcome; it passes only if it exits
+    with 0 after its last statement ran. ``isolation`` defaults to the most this machine allows
+    (:func:`sandbox_isolation`); pass less only to test weaker set-ups."""
     limits = limits or SandboxLimits()
     isolation = isolation or sandbox_isolation()
+    nonce = secrets.token_hex(16)
     with _sandbox_uids.lease(isolation.unprivileged_uid) as uid:
         workdir = _make_workdir(uid)
         try:
-            (workdir / "program.py").write_text(source, encoding="utf-8")
+            (workdir / "program.py").write_text(with_end_marker(source, nonce), encoding="utf-8")
             config = _child_config(isolation, uid, workdir, limits, timeout_s, ["program.py"])
-            return _supervise(config, timeout_s, limits.max_output_bytes)
+            return _supervise(config, timeout_s, limits.max_output_bytes, nonce.encode())
         finally:
             if uid is not None:
                 _kill_all_of(uid)
@@ -212,7 +241,7 @@ def _probe(isolation: Isolation) -> bool:
         workdir = _make_workdir(uid)
         try:
             config = _child_config(isolation, uid, workdir, SandboxLimits(), 10.0, ["-c", "pass"])
-            return _supervise(config, 10.0, 4096).status == "passed"
+            return _supervise(config, 10.0, 4096, None).status == "passed"
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -255,41 +284,66 @@ def _child_config(
     }
 
 
-def _supervise(config: dict, timeout_s: float, max_output_bytes: int) -> ExecutionResult:
+def _supervise(config: dict, timeout_s: float, max_output_bytes: int, nonce: bytes | None) -> ExecutionResult:
+    """Run the sandbox child with ``config``; with a ``nonce``, the program passes only if it wrote it to
+    its end-marker pipe (without one, as for the probe, exit code 0 is enough)."""
     start = time.monotonic()
-    process = subprocess.Popen(
-        [sys.executable, "-I", "-S", CHILD_SCRIPT, json.dumps(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={},
-        start_new_session=True,
-    )
-    stdout, stderr, timed_out = _drain(process, start + timeout_s, max_output_bytes)
+    marker_read, marker_write = os.pipe()
+    config = config | {"marker_fd": marker_write}
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", CHILD_SCRIPT, json.dumps(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={},
+            start_new_session=True,
+            pass_fds=(marker_write,),
+        )
+    finally:
+        os.close(marker_write)
+    with open(marker_read, "rb", buffering=0) as marker:
+        stdout, stderr, written, timed_out = _drain(process, marker, start + timeout_s, max_output_bytes)
     _kill_group(process.pid)
-    exit_code = process.wait()
+    exit_code = _wait_killed(process)
     process.stdout.close()
     process.stderr.close()
     seconds = time.monotonic() - start
+    reached_end = nonce is None or nonce in written
     status, detail = classify_outcome(
-        None if timed_out else exit_code, stderr.decode("utf-8", "replace"), timed_out
+        None if timed_out else exit_code, stderr.decode("utf-8", "replace"), timed_out, reached_end
     )
     return ExecutionResult(status, detail, seconds, None if timed_out else exit_code,
-                           stdout.decode("utf-8", "replace"))  # fmt: skip
+                           stdout.decode("utf-8", "replace"), reached_end and nonce is not None)  # fmt: skip
 
 
-def _drain(process: subprocess.Popen, deadline: float, limit: int) -> tuple[bytes, bytes, bool]:
-    """Read both pipes until they close: keep the first ``limit`` bytes of stdout and the last ``limit``
-    of stderr, never more. Returns ``(stdout, stderr, timed_out)``."""
-    kept = {process.stdout: bytearray(), process.stderr: bytearray()}
+def _wait_killed(process: subprocess.Popen) -> int | None:
+    """The exit code of a process already sent SIGKILL; None if it is still not gone after
+    :data:`REAP_PATIENCE_S` (e.g. stuck in the kernel): the runner never waits without a bound."""
+    try:
+        return process.wait(timeout=REAP_PATIENCE_S)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _drain(
+    process: subprocess.Popen, marker, deadline: float, limit: int
+) -> tuple[bytes, bytes, bytes, bool]:
+    """Read the three pipes (stdout, stderr, end marker) until they close: keep the first ``limit`` bytes
+    of stdout, the last ``limit`` of stderr and the first :data:`END_MARKER_LIMIT` of the marker pipe,
+    never more. Returns ``(stdout, stderr, marker, timed_out)``."""
+    kept = {process.stdout: bytearray(), process.stderr: bytearray(), marker: bytearray()}
+    first_bytes = {process.stdout: limit, marker: END_MARKER_LIMIT}
     exited_at = None
+    timed_out = False
     with selectors.DefaultSelector() as selector:
         for pipe in kept:
             selector.register(pipe, selectors.EVENT_READ)
         while True:
             now = time.monotonic()
             if now >= deadline:
-                return bytes(kept[process.stdout]), bytes(kept[process.stderr]), True
+                timed_out = True
+                break
             if exited_at is None and _has_exited(process.pid):
                 exited_at = now
             if exited_at is not None and (not selector.get_map() or now - exited_at > EXIT_GRACE_S):
@@ -303,12 +357,12 @@ def _drain(process: subprocess.Popen, deadline: float, limit: int) -> tuple[byte
                     selector.unregister(key.fileobj)
                     continue
                 buffer = kept[key.fileobj]
-                if key.fileobj is process.stdout:
-                    buffer += chunk[: max(0, limit - len(buffer))]
+                if key.fileobj in first_bytes:
+                    buffer += chunk[: max(0, first_bytes[key.fileobj] - len(buffer))]
                 else:
                     buffer += chunk
                     del buffer[:-limit]
-    return bytes(kept[process.stdout]), bytes(kept[process.stderr]), False
+    return bytes(kept[process.stdout]), bytes(kept[process.stderr]), bytes(kept[marker]), timed_out
 
 
 def _has_exited(pid: int) -> bool:
