@@ -27,6 +27,7 @@ last line of stderr.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -41,11 +42,11 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
-from rtdlm_experiments.tasks import _sandbox_uids
+from rtdlm_experiments.tasks import _sandbox_cgroup, _sandbox_cleanup, _sandbox_uids
 
 STATUSES = ("passed", "failed", "timeout", "error")
 CHILD_SCRIPT = str(Path(__file__).with_name("_sandbox_child.py"))
@@ -56,6 +57,7 @@ data; a leftover child keeping them open is killed after this)."""
 REAP_PATIENCE_S = 5.0
 """How long killed processes may take to disappear (be reaped by their parent) before their uid is
 retired."""
+OUT_OF_MEMORY = "out of memory (the sandbox's memory cgroup limit)"
 END_MARKER_FD = 3
 """The program's fd of the pipe its last statement writes the nonce to (see :func:`with_end_marker`)."""
 END_MARKER_LIMIT = 4096
@@ -87,6 +89,8 @@ class SandboxLimits:
     open_files: int = 256
     workdir_bytes: int = 64 << 20
     """Size of the program's directory (a tmpfs of its own under the read-only file system isolation)."""
+    workdir_inodes: int = 2048
+    """Files and directories the program's tmpfs holds at most."""
     max_output_bytes: int = 64 << 10
     """Captured per stream (stdout: its start, stderr: its end); the rest is read and dropped."""
 
@@ -100,24 +104,36 @@ class Isolation:
     readonly_filesystem: bool
     python: str
     """The interpreter the programs run under (the runner's own when the sandbox uid can run it)."""
+    ipc_namespace: bool = False
+    memory_cgroup: str = ""
+    """``"v1"``/``"v2"``: the program's processes together are held to ``memory_bytes`` by a memory cgroup
+    (shared memory and tmpfs files included); ``""``: only RLIMIT_AS, per process, address space only."""
 
     def describe(self) -> str:
-        """A short tag value, e.g. ``'rlimits+process-group+uid+netns+readonly-fs'``.
+        """The tag value: every layer in force, from ``'rlimits+process-group'`` up.
 
         >>> Isolation(False, False, False, "python").describe()
         'rlimits+process-group'
+        >>> Isolation(True, True, True, "python", True, "v2").describe().split("+")[2:6]
+        ['uid', 'sigkill-cleanup', 'ipc-cleanup', 'netns']
+        >>> Isolation(True, True, True, "python", True, "v2").describe().split("+")[6:]
+        ['ipcns', 'readonly-fs', 'private-tmp', 'inode-cap', 'memcg-v2']
         """
-        parts = ["rlimits", "process-group"]
-        parts += [
-            name
-            for name, on in (
-                ("uid", self.unprivileged_uid),
-                ("netns", self.network_namespace),
-                ("readonly-fs", self.readonly_filesystem),
-            )
-            if on
-        ]
-        return "+".join(parts)
+        uid, readonly = self.unprivileged_uid, self.readonly_filesystem
+        layers = {
+            "rlimits": True,
+            "process-group": True,
+            "uid": uid,
+            "sigkill-cleanup": uid,  # every leftover process of the uid, killed by root
+            "ipc-cleanup": uid,  # SysV / POSIX IPC objects the uid left, removed
+            "netns": self.network_namespace,
+            "ipcns": self.ipc_namespace,
+            "readonly-fs": readonly,
+            "private-tmp": readonly,  # empty tmpfs over /tmp, /run, /dev/shm...: host sockets hidden
+            "inode-cap": readonly,
+            f"memcg-{self.memory_cgroup}": bool(self.memory_cgroup),
+        }
+        return "+".join(name for name, on in layers.items() if on)
 
 
 EXITED_EARLY = "exited with code 0 before the end of the program"
@@ -186,15 +202,38 @@ def run_program(
     limits = limits or SandboxLimits()
     isolation = isolation or sandbox_isolation()
     nonce = secrets.token_hex(16)
+    program = with_end_marker(source, nonce)
+    result = _run_isolated(isolation, limits, timeout_s, ["program.py"], program, nonce.encode())
+    return result
+
+
+def _run_isolated(
+    isolation: Isolation,
+    limits: SandboxLimits,
+    timeout_s: float,
+    argv: list[str],
+    program: str | None,
+    nonce: bytes | None,
+) -> ExecutionResult:
+    """One sandboxed run: lease a uid, make the program's directory and memory cgroup, supervise, and
+    clean up (kill the uid's leftovers, remove its IPC objects, the directory and the cgroup)."""
+    cgroup_at = _sandbox_cgroup.hierarchy() if isolation.memory_cgroup else None
     with _sandbox_uids.lease(isolation.unprivileged_uid) as uid:
         workdir = _make_workdir(uid)
         try:
-            (workdir / "program.py").write_text(with_end_marker(source, nonce), encoding="utf-8")
-            config = _child_config(isolation, uid, workdir, limits, timeout_s, ["program.py"])
-            return _supervise(config, timeout_s, limits.max_output_bytes, nonce.encode())
+            with _sandbox_cgroup.memory_cgroup(cgroup_at, limits.memory_bytes) as cgroup:
+                try:
+                    if program is not None:
+                        (workdir / "program.py").write_text(program, encoding="utf-8")
+                    config = _child_config(isolation, uid, workdir, limits, timeout_s, argv, cgroup)
+                    result = _supervise(config, timeout_s, limits.max_output_bytes, nonce)
+                finally:
+                    if uid is not None:
+                        _clean_up_after(uid)
+                if result.exit_code == -signal.SIGKILL and _sandbox_cgroup.oom_kills(cgroup):
+                    result = replace(result, detail=f"killed by SIGKILL: {OUT_OF_MEMORY}")
+                return result
         finally:
-            if uid is not None:
-                _kill_all_of(uid)
             shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -219,16 +258,24 @@ def run_programs(
 
 @cache
 def sandbox_isolation() -> Isolation:
-    """Probe once which isolation this machine allows (root: uid drop; then a network namespace and a
-    read-only mount namespace, each kept only if a trivial program still runs under it)."""
+    """Probe once which isolation this machine allows (root: uid drop; then a network namespace, an IPC
+    namespace, a read-only mount namespace and a memory cgroup, each kept only if a trivial program still
+    runs under it)."""
     if os.geteuid() != 0:
         return Isolation(False, False, False, sys.executable)
     python = next((exe for exe in _python_candidates() if _probe(Isolation(True, False, False, exe))), None)
     if python is None:
         return Isolation(False, False, False, sys.executable)
     network = _probe(Isolation(True, True, False, python))
-    readonly = _probe(Isolation(True, network, True, python))
-    return Isolation(True, network, readonly, python)
+    ipc = _probe(Isolation(True, network, False, python, ipc_namespace=True))
+    readonly = _probe(Isolation(True, network, True, python, ipc))
+    found = _sandbox_cgroup.hierarchy()
+    memory = (
+        found.version
+        if found and _probe(Isolation(True, network, readonly, python, ipc, found.version))
+        else ""
+    )
+    return Isolation(True, network, readonly, python, ipc, memory)
 
 
 def _python_candidates() -> list[str]:
@@ -237,13 +284,7 @@ def _python_candidates() -> list[str]:
 
 
 def _probe(isolation: Isolation) -> bool:
-    with _sandbox_uids.lease(isolation.unprivileged_uid) as uid:
-        workdir = _make_workdir(uid)
-        try:
-            config = _child_config(isolation, uid, workdir, SandboxLimits(), 10.0, ["-c", "pass"])
-            return _supervise(config, 10.0, 4096, None).status == "passed"
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return _run_isolated(isolation, SandboxLimits(), 10.0, ["-c", "pass"], None, None).status == "passed"
 
 
 def _make_workdir(uid: int | None) -> Path:
@@ -260,6 +301,7 @@ def _child_config(
     limits: SandboxLimits,
     timeout_s: float,
     argv: list[str],
+    cgroup: Path | None,
 ) -> dict:
     rlimits = {
         "RLIMIT_AS": limits.memory_bytes,
@@ -275,8 +317,11 @@ def _child_config(
         "uid": uid,
         "workdir": str(workdir),
         "network_namespace": isolation.network_namespace,
+        "ipc_namespace": isolation.ipc_namespace,
         "readonly_filesystem": isolation.readonly_filesystem,
+        "cgroup_procs": None if cgroup is None else str(cgroup / "cgroup.procs"),
         "workdir_bytes": limits.workdir_bytes,
+        "workdir_inodes": limits.workdir_inodes,
         "limits": rlimits,
         "python": isolation.python,
         "argv": argv,
@@ -378,11 +423,17 @@ def _kill_group(pgid: int) -> None:
         pass
 
 
-def _kill_all_of(uid: int) -> None:
-    """Kill every process left running as the sandbox ``uid`` (children that left the process group);
-    a uid whose processes do not go away is not leased again by this process."""
+def _clean_up_after(uid: int) -> None:
+    """Kill every process left running as the sandbox ``uid`` (children that left the process group) and
+    remove the IPC objects it left. First the reaper's atomic ``kill(-1)`` as that uid (a fork bomb cannot
+    outrun it), bounded in time because a leftover of the same uid can stop it; then root kills whatever
+    is left, pid by pid (root cannot be signalled by the uid). A uid whose processes do not go away is not
+    leased again by this process."""
     config = json.dumps({"mode": "reap", "uid": uid, "patience_s": REAP_PATIENCE_S})
-    reaper = subprocess.run([sys.executable, "-I", "-S", CHILD_SCRIPT, config], env={}, check=False,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    if reaper.returncode != 0:
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        subprocess.run([sys.executable, "-I", "-S", CHILD_SCRIPT, config], env={}, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=REAP_PATIENCE_S + 1)  # fmt: skip
+    if not _sandbox_cleanup.kill_all_of(uid, REAP_PATIENCE_S):
         _sandbox_uids.retire(uid)
+    _sandbox_cleanup.remove_ipc_of(uid)
