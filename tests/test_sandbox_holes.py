@@ -11,6 +11,7 @@ import secrets
 import socket
 import subprocess
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @needs_uid
-def test_sysv_shared_memory_does_not_outlive_the_program():
+@pytest.mark.parametrize("ipc_namespace", [True, False], ids=["ipc-namespace", "cleanup-only"])
+def test_sysv_shared_memory_does_not_outlive_the_program(ipc_namespace: bool):
+    if ipc_namespace and not ISOLATION.ipc_namespace:
+        pytest.skip("no IPC namespace (unshare -i) on this machine")
+    isolation = replace(ISOLATION, ipc_namespace=ipc_namespace)
     key = secrets.randbelow(1 << 30) + 1
     program = (
         "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -44,7 +49,7 @@ def test_sysv_shared_memory_does_not_outlive_the_program():
         "ctypes.memset(address, 1, 32 << 20)\n"
         "libc.shmdt(ctypes.c_void_p(address))\n"
     )
-    result = run_program(program, timeout_s=10)
+    result = run_program(program, timeout_s=10, isolation=isolation)
     left = _libc.shmget(key, 0, 0)
     if left >= 0:
         _libc.shmctl(left, 0, None)  # IPC_RMID: do not leave the test's own leak on the host

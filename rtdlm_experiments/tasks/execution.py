@@ -284,7 +284,12 @@ def _python_candidates() -> list[str]:
 
 
 def _probe(isolation: Isolation) -> bool:
-    return _run_isolated(isolation, SandboxLimits(), 10.0, ["-c", "pass"], None, None).status == "passed"
+    """Whether a trivial program runs under ``isolation`` (False too when setting it up fails here, e.g. a
+    cgroup folder that cannot be made)."""
+    try:
+        return _run_isolated(isolation, SandboxLimits(), 10.0, ["-c", "pass"], None, None).status == "passed"
+    except OSError:
+        return False
 
 
 def _make_workdir(uid: int | None) -> Path:
