@@ -32,6 +32,11 @@ MAX_TOTAL_NEW_TOKENS = 50_000_000
 """Rows × max_new_tokens: every generated token is kept with its per-token statistics (about 100 bytes
 in Python lists), so this bounds a job's memory at a few GiB."""
 MAX_TIMEOUT_S = 3_600.0
+MAX_DECODER_COUNT = 1_024
+"""Drafts per round, n-gram length, exit layer: far above any useful value, below what would allocate
+without bound (a round's drafts are scored in one forward)."""
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1_000
 MAX_WORKERS = 64
 
 _POSITIVE_DECODER_FIELDS = ("num_draft_tokens", "max_ngram", "exit_layer")
@@ -92,6 +97,8 @@ def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
     for key in _POSITIVE_DECODER_FIELDS:
         if key in cfg and cfg[key] < 1:
             raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
+        if key in cfg:
+            check_range(f"decoder.{key}", cfg[key], 1, MAX_DECODER_COUNT)
     if "min_confidence" in cfg and not 0.0 <= cfg["min_confidence"] < 1.0:
         raise ConfigError(
             f"decoder.min_confidence={cfg['min_confidence']} is invalid: must be in [0, 1) (0: off)"
@@ -212,12 +219,21 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
         max_new_tokens=cfg.max_new_tokens,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
-        stop_strings=stop_strings(cfg.prompts),
+        stop_strings=_bounded_stop_strings(stop_strings(cfg.prompts)),
         ignore_eos=bool(cfg.get("ignore_eos", False)),
         execution=execution,
         judge_model=judge.get("model"),
         judge_batch_size=judge.get("batch_size", 4),
     )
+
+
+def _bounded_stop_strings(strings: tuple[str, ...]) -> tuple[str, ...]:
+    """At most `MAX_STOP_STRINGS`, each at most `MAX_STOP_STRING_CHARS` long (each is searched for in
+    every row's text after every step)."""
+    check_range("len(prompts.stop_strings)", len(strings), 0, MAX_STOP_STRINGS)
+    if longest := max(strings, key=len, default=""):
+        check_range("the longest of prompts.stop_strings' length", len(longest), 1, MAX_STOP_STRING_CHARS)
+    return strings
 
 
 def validate_model(model_cfg: Mapping[str, Any] | str, field_name: str) -> None:

@@ -43,6 +43,29 @@ def test_each_count_and_limit_is_bounded(override: str, message: str):
     assert str(caught.value) == message
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ("decoder=prompt_lookup", "decoder.max_ngram=100000"),
+            "decoder.max_ngram=100000 is invalid: must be in",
+        ),
+        (
+            ("decoder=prompt_lookup", "decoder.num_draft_tokens=1000000"),
+            "decoder.num_draft_tokens=1000000 is",
+        ),
+        (
+            ("prompts.stop_strings=[" + ",".join(["x"] * 65) + "]",),
+            r"len\(prompts.stop_strings\)=65 is invalid",
+        ),
+        (("prompts.stop_strings=[" + "y" * 1001 + "]",), "the longest of prompts.stop_strings' length=1001"),
+    ],
+)
+def test_decoder_counts_and_stop_strings_are_bounded(overrides: tuple[str, ...], message: str):
+    with pytest.raises(ConfigError, match=message):
+        prepare(*overrides)
+
+
 def test_rows_times_tokens_is_bounded():
     with pytest.raises(ConfigError, match=r"max_new_tokens=100000 is invalid: .* at most 50000000 per job"):
         prepare("num_samples=10000", "max_new_tokens=100000")
