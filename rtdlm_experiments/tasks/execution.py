@@ -356,6 +356,7 @@ def _supervise(config: dict, timeout_s: float, max_output_bytes: int, nonce: byt
         stdout, stderr, written, timed_out = _drain(process, marker, start + timeout_s, max_output_bytes)
     _kill_group(process.pid)
     exit_code = _wait_killed(process)
+    timed_out = timed_out or exit_code is None  # still there after SIGKILL: stopped by the wall clock
     process.stdout.close()
     process.stderr.close()
     seconds = time.monotonic() - start
