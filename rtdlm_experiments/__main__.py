@@ -22,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app, results, terminal, tracking
+from rtdlm_experiments import app, override_types, results, terminal, tracking
 from rtdlm_experiments.environment import environment_info
-from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.schema import ConfigError, config_dir, ensure_output_root
 from rtdlm_experiments.tracking import names
 
 
@@ -154,5 +154,18 @@ def format_summary(record: dict[str, Any], job_dir: Path, run: tracking.TrackedR
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``main`` behind a check of the numeric overrides' types and of the output folder, so that
+    ``seed=abc`` or an uncreatable ``RTDLM_OUTPUT_DIR`` is rejected like every other bad value: one line,
+    exit code 2."""
+    try:
+        override_types.check_overrides(sys.argv[1:])
+        ensure_output_root()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     main()
+
+
+if __name__ == "__main__":
+    cli()

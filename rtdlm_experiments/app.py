@@ -24,7 +24,7 @@ from rtdlm_experiments.metrics import all_metrics
 from rtdlm_experiments.models import load_model
 from rtdlm_experiments.prompt_sets import Prompt
 from rtdlm_experiments.schema import ConfigError
-from rtdlm_experiments.validation import DRAFT_MODEL_KEY, JobSpec, validate_decoder_config
+from rtdlm_experiments.validation import DRAFT_MODEL_KEY, JobSpec, check_model_fit, validate_decoder_config
 from rtdlm_experiments.validation import (  # re-exported: the app's public API since before the split
     TRACKING_BACKENDS as TRACKING_BACKENDS,
 )
@@ -195,6 +195,7 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
     timings["load_seconds"] = time.perf_counter() - tick
 
     prompt_ids = encode_prompts(model.tokenizer, spec.prompts, spec.chat_template)
+    check_model_fit(spec, prompt_ids, model.vocab_size, getattr(model, "max_context", None))
     rows = plan_rows(len(spec.prompts), spec.num_samples, spec.seed)
     decoders = {"decoder": decoder}
     if not isinstance(decoder, AutoregressiveDecoder):

@@ -2,7 +2,8 @@
 
 Rows are matched by (prompt_index, sample_index); for each key metric the difference B − A of the per-row
 values gets a paired-bootstrap 95% CI over prompts and a p-value (`rtdlm_experiments.stats`), and a plain
-verdict: "within noise" when the CI holds 0. Per-row metrics: ``pass`` (HumanEval jobs),
+verdict: "within noise" when the CI holds 0, "too few prompts to tell" below
+`rtdlm_experiments.stats.MIN_PAIRED_PROMPTS` prompts. Per-row metrics: ``pass`` (HumanEval jobs),
 ``exact_match`` / ``contains_answer`` (prompts with answers), ``mean_logprob``, ``new_tokens``,
 ``seq_rep_4``, ``rep_w16``, ``loop`` (ends in a loop) and ``distinct_2`` within the row.
 """
@@ -127,10 +128,26 @@ def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
     return LoadedJob(f"run {run_id}", job.generations, job.passed)
 
 
+def folder_problem(reference: str) -> str | None:
+    """Why ``reference`` names a path (it exists, or has a ``/``) that is no job folder; None when it is
+    a job folder or looks like an MLflow run id."""
+    path = Path(reference).expanduser()
+    if (path / RESULTS_FILE).is_file():
+        return None
+    if path.exists():
+        return f"{reference} is not a job folder: no {RESULTS_FILE} in it"
+    if "/" in reference or reference.startswith("."):
+        return f"{reference} is not a job folder: no such folder"
+    return None
+
+
 def load_either(
     reference: str, tracking_uri: str | None, load_run: Callable[..., LoadedJob] = load_run
 ) -> LoadedJob:
-    """A job folder when ``reference`` is one, else an MLflow run id."""
+    """A job folder when ``reference`` is one, else an MLflow run id (never a path that is no job
+    folder: `folder_problem`)."""
+    if problem := folder_problem(reference):
+        raise SystemExit(f"error: {problem}")
     path = Path(reference).expanduser()
     if (path / RESULTS_FILE).is_file():
         return load_job_folder(path)
@@ -151,7 +168,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--resamples", type=int, default=RESAMPLES, help="bootstrap resamples (default %(default)s)"
     )
     args = parser.parse_args(argv)
-    a, b = (load_either(reference, args.tracking_uri) for reference in (args.a, args.b))
+    sides = (("A", args.a), ("B", args.b))
+    for side, reference in sides:  # both paths checked before any run is looked up
+        if problem := folder_problem(reference):
+            print(f"error: {side} ({reference}): {problem}", file=sys.stderr)
+            return 2
+    jobs = []
+    for side, reference in sides:
+        try:
+            jobs.append(load_either(reference, args.tracking_uri))
+        except SystemExit as err:
+            print(f"error: {side} ({reference}): {str(err.code).removeprefix('error: ')}", file=sys.stderr)
+            return 2
+    a, b = jobs
     try:
         lines = compare_jobs(a, b, args.resamples)
     except ValueError as err:

@@ -43,11 +43,14 @@ def bundled_sets() -> list[str]:
     )
 
 
+MAX_PROMPTS = 100_000
+
+
 def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
     """The prompts a ``prompts`` config (``name``, ``path``, ``limit``) selects; ConfigError if unusable."""
     name, limit = cfg["name"], cfg.get("limit")
-    if limit is not None and limit < 1:
-        raise ConfigError(f"prompts.limit={limit} is invalid: must be >= 1, or null for all prompts")
+    if limit is not None and not 1 <= limit <= MAX_PROMPTS:
+        raise ConfigError(f"prompts.limit={limit} is invalid: must be in [1, {MAX_PROMPTS}], or null for all")
     if name == FILE_SOURCE:
         prompts = read_prompt_file(cfg.get("path"))
     elif name == HUMANEVAL_SOURCE:
@@ -62,6 +65,10 @@ def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
         )
     if not prompts:
         raise ConfigError(f"prompts: {name if name != FILE_SOURCE else cfg.get('path')} holds no prompts")
+    if len(prompts[:limit]) > MAX_PROMPTS:
+        raise ConfigError(
+            f"prompts: {len(prompts)} prompts is invalid: at most {MAX_PROMPTS} (set prompts.limit)"
+        )
     return prompts[:limit]
 
 
@@ -110,10 +117,43 @@ def read_prompt_file(path: str | None) -> list[Prompt]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError(f"prompts.path={path!r} is invalid: no such file")
-    content = file.read_text(encoding="utf-8")
+    content = _read_text(file, path)
     if file.suffix == ".jsonl":
         return _parse_jsonl(content, source=str(file))
     return [Prompt(line.strip()) for line in content.splitlines() if line.strip()]
+
+
+MAX_PROMPT_FILE_BYTES = 64 << 20
+"""A prompt file larger than this is refused before it is read (no prompt set needs more)."""
+
+
+def _read_text(file: Path, path: str) -> str:
+    """The file's UTF-8 text; ConfigError naming it if it is too large, unreadable or not UTF-8."""
+    try:
+        size = file.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise ConfigError(
+                f"prompts.path={path!r} is invalid: {size} bytes, at most {MAX_PROMPT_FILE_BYTES} allowed"
+            )
+        data = file.read_bytes()[: MAX_PROMPT_FILE_BYTES + 1]
+    except OSError as err:
+        raise ConfigError(f"prompts.path={path!r} is invalid: cannot read it: {err.strerror}") from err
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"prompts.path={path!r} is invalid: not UTF-8 text (byte {err.start}: {err.reason})"
+        ) from err
+
+
+def _string_field(record: dict, key: str, required: bool = False) -> str:
+    """``record[key]`` if it is a string ('' when absent and optional); TypeError otherwise."""
+    if key not in record and not required:
+        return ""
+    value = record[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key!r} must be a string, not {value!r}")
+    return value
 
 
 def _parse_answer(value: Any) -> str | tuple[str, ...] | None:
@@ -136,18 +176,20 @@ def _parse_jsonl(content: str, source: str) -> list[Prompt]:
             continue
         try:
             record = json.loads(line)
+            if not isinstance(record, dict):
+                raise TypeError(f"a line must be a JSON object, not {type(record).__name__}")
             prompts.append(
                 Prompt(
-                    str(record["text"]),
-                    str(record.get("category", "")),
+                    _string_field(record, "text", required=True),
+                    _string_field(record, "category"),
                     _parse_answer(record.get("answer")),
-                    str(record.get("task_id", "")),
+                    _string_field(record, "task_id"),
                 )
             )
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(
                 f"prompts: line {line_number} of {source} is invalid: need a JSON object with a 'text' field"
-                f" and optional 'category', 'answer' (string or list of strings), 'task_id'"
+                f" (a string) and optional strings 'category', 'task_id', 'answer' (or a list of strings)"
                 f" ({type(err).__name__}: {err})"
             ) from err
     return prompts

@@ -57,6 +57,24 @@ def output_root() -> Path:
     return Path.cwd().resolve() / "outputs"
 
 
+def ensure_output_root() -> Path:
+    """`output_root`, created; ConfigError naming where it comes from when it cannot be."""
+    root = output_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        origin = (
+            f"{OUTPUT_DIR_ENV}={os.environ[OUTPUT_DIR_ENV]!r}"
+            if os.environ.get(OUTPUT_DIR_ENV)
+            else "outputs"
+        )
+        raise ConfigError(
+            f"{origin} is invalid: cannot create {root}: {err.strerror}"
+            f"; set {OUTPUT_DIR_ENV} to a writable folder"
+        ) from err
+    return root
+
+
 @dataclass
 class SamplingSchema:
     """A preset of `sampling.PRESETS` plus per-field overrides; ``null`` keeps the preset's value.

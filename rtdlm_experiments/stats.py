@@ -147,6 +147,15 @@ def bootstrap_statistic_ci(
     return Interval(float(statistic(list(groups))), *_percentiles(values, confidence))
 
 
+MIN_PAIRED_PROMPTS = 10
+"""Fewest prompts a paired comparison calls a difference with. The bootstrap resamples prompts whole, so
+its noise estimate comes from the spread between prompts: one prompt has none (every resample is the
+same, and any difference looks certain); with a few, the percentile bootstrap's interval is too narrow
+(its variance is (n-1)/n of the sample's, read with normal rather than t quantiles: at 10 prompts the
+t quantile is still 15% wider) and an exact sign test over n prompts cannot reach p < 0.05 below 6. Ten
+keeps the undercoverage modest while letting a consistent effect reach p ≈ 0.002."""
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """``B - A`` over the rows both runs have, with its paired-bootstrap CI and two-sided p-value."""
@@ -157,10 +166,16 @@ class PairedComparison:
     p_value: float
     pairs: int
     confidence: float = CONFIDENCE
+    prompts: int | None = None
+    """Distinct prompts among the pairs (None: one per pair)."""
 
     @property
     def within_noise(self) -> bool:
         return self.low <= 0.0 <= self.high
+
+    @property
+    def too_few_prompts(self) -> bool:
+        return (self.pairs if self.prompts is None else self.prompts) < MIN_PAIRED_PROMPTS
 
     def verdict(self, metric: str = "the metric") -> str:
         """A plain-language reading.
@@ -169,7 +184,16 @@ class PairedComparison:
         'pass_at_1: B - A = +0.1 (95% CI -0.05 to +0.2, p = 0.3, 40 pairs): within noise'
         >>> PairedComparison(-0.2, -0.3, -0.1, 0.001, 40).verdict("loop_rate")
         'loop_rate: B - A = -0.2 (95% CI -0.3 to -0.1, p = 0.001, 40 pairs): B is lower'
+        >>> PairedComparison(-2.0, -2.0, -2.0, 0.0005, 1, prompts=1).verdict("new_tokens")
+        'new_tokens: B - A = -2 (1 pairs over 1 prompt): too few prompts to tell (at least 10 needed)'
         """
+        if self.too_few_prompts:
+            prompts = self.pairs if self.prompts is None else self.prompts
+            over = f"{prompts} prompt{'s' if prompts != 1 else ''}"
+            return (
+                f"{metric}: B - A = {self.difference:+.4g} ({self.pairs} pairs over {over}): too few prompts "
+                f"to tell (at least {MIN_PAIRED_PROMPTS} needed)"
+            )
         reading = (
             "within noise" if self.within_noise else ("B is higher" if self.difference > 0 else "B is lower")
         )
@@ -211,4 +235,4 @@ def paired_comparison(
     extreme = np.count_nonzero(np.abs(resampled - observed) >= abs(observed) - 1e-12)
     p_value = (extreme + 1) / (resamples + 1)
     low, high = _percentiles(resampled, confidence)
-    return PairedComparison(observed, low, high, min(1.0, p_value), len(keys), confidence)
+    return PairedComparison(observed, low, high, min(1.0, p_value), len(keys), confidence, len(sums))

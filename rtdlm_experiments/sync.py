@@ -2,14 +2,19 @@
 
 A job folder, a sweep folder or any folder above them: every job not yet in the store is uploaded with
 the same code as the live path (`rtdlm_experiments.tracking.log_job`), and a sweep's jobs become
-children of its parent run, recreated when the store does not have it.
+children of its parent run, recreated when the store does not have it. A job whose ``results.json`` is
+corrupt (truncated, not an object, missing keys) is named in one line and skipped: every good job is still
+uploaded, and the command exits 1 at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +22,7 @@ from rtdlm_experiments import tracking
 from rtdlm_experiments.report import summarize_sweep
 from rtdlm_experiments.results import (
     HYDRA_SWEEP_FILE,
+    RESULTS_FILE,
     job_dirs,
     load_job,
     read_sweep_info,
@@ -29,28 +35,64 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 
+RECORD_KEYS = {"config": ("experiment_name",), "job": ("run_name",), "status": ()}
+"""What a job's record must hold to be uploaded: these keys, the first two objects with these keys."""
+
+
+@dataclass
+class SyncResult:
+    uploaded: list[TrackedRun] = field(default_factory=list)
+    bad: list[str] = field(default_factory=list)
+    """One line per job whose ``results.json`` could not be uploaded, naming the file and why."""
+
+
+def record_problem(job_dir: Path) -> str | None:
+    """Why the job's ``results.json`` cannot be uploaded (one line naming it), or None when it can."""
+    path = job_dir / RESULTS_FILE
+    try:
+        record = load_job(job_dir)[0]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{path}: unreadable ({type(err).__name__}: {_first_line(err)})"
+    if not isinstance(record, dict):
+        return f"{path}: not a JSON object but {type(record).__name__}"
+    for key, inner in RECORD_KEYS.items():
+        if key not in record or (inner and not isinstance(record[key], dict)):
+            return f"{path}: no {key!r} object" if inner else f"{path}: no {key!r}"
+        if missing := [name for name in inner if name not in record[key]]:
+            return f"{path}: {key!r} has no {missing[0]!r}"
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0]
+
+
 def sync(
     directory: Path, tracking_uri: str | None = None, experiment_name: str | None = None, force: bool = False
-) -> list[TrackedRun]:
+) -> SyncResult:
     """Upload every saved job under ``directory`` that is not in the store yet (all of them with
-    ``force``); returns the runs logged.
+    ``force``); returns the runs logged and a line for each job that could not be.
 
     Jobs of a sweep become children of its parent run: the original one when it exists in this store,
-    else a new one, which is then ended FINISHED or FAILED like a live sweep's.
+    else a new one, which is then ended FINISHED or FAILED like a live sweep's (FAILED when one of its
+    jobs is corrupt).
     """
+    result = SyncResult()
     jobs_by_sweep: dict[Path | None, list[Path]] = {}
     for job_dir in job_dirs(directory.resolve()):
+        if problem := record_problem(job_dir):
+            result.bad.append(problem)
+            continue
         sweep_dir = job_dir.parent if (job_dir.parent / HYDRA_SWEEP_FILE).is_file() else None
         jobs_by_sweep.setdefault(sweep_dir, []).append(job_dir)
-    uploaded = []
     for sweep_dir, jobs in jobs_by_sweep.items():
         if sweep_dir is not None:
-            uploaded += _sync_sweep(sweep_dir, jobs, tracking_uri, experiment_name, force)
+            result.uploaded += _sync_sweep(sweep_dir, jobs, tracking_uri, experiment_name, force, result)
         else:
-            uploaded += [
+            result.uploaded += [
                 run for job_dir in jobs if (run := _sync_job(job_dir, tracking_uri, experiment_name, force))
             ]
-    return uploaded
+    return result
 
 
 def _sync_job(
@@ -71,7 +113,12 @@ def _experiment_of(record: Mapping[str, Any]) -> str:
 
 
 def _sync_sweep(
-    sweep_dir: Path, jobs: list[Path], tracking_uri: str | None, experiment_name: str | None, force: bool
+    sweep_dir: Path,
+    jobs: list[Path],
+    tracking_uri: str | None,
+    experiment_name: str | None,
+    force: bool,
+    result: SyncResult,
 ) -> list[TrackedRun]:
     first_record = load_job(jobs[0])[0]
     uri = tracking.resolve_tracking_uri(tracking_uri or first_record.get("tracking_uri"))
@@ -83,9 +130,11 @@ def _sync_sweep(
     uploaded = [
         tracking.log_job(client, parent["experiment_id"], job, parent["parent_run_id"]) for job in pending
     ]
-    summary = summarize_sweep(sweep_dir)
+    corrupt = any(line.startswith(str(sweep_dir) + "/") for line in result.bad)
+    summary = {} if corrupt else summarize_sweep(sweep_dir)  # the summary reads every job's record
     records = [load_job(job_dir)[0] for job_dir in jobs]
-    tracking.finish_sweep(client, parent["parent_run_id"], summary, sweep_failed(sweep_dir), records)
+    failed = corrupt or sweep_failed(sweep_dir)
+    tracking.finish_sweep(client, parent["parent_run_id"], summary, failed, records)
     return uploaded
 
 
@@ -123,10 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"error: {args.directory} is not a directory\n")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        uploaded = sync(args.directory, args.uri, args.experiment, args.force)
+        result = sync(args.directory, args.uri, args.experiment, args.force)
     except (tracking.TrackingUnavailable, OSError) as err:
         parser.exit(1, f"error: {err}\n")
-    for run in uploaded:
+    for run in result.uploaded:
         print(f"logged run {run.run_id} to {run.tracking_uri} (experiment {run.experiment_id})")
+    uploaded = result.uploaded
     print(f"{len(uploaded)} job(s) uploaded" if uploaded else f"nothing to upload under {args.directory}")
-    return 0
+    for problem in result.bad:
+        print(f"error: not uploaded: {problem}", file=sys.stderr)
+    return 1 if result.bad else 0

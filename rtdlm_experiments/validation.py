@@ -21,6 +21,23 @@ from sampling import SamplingConfig, get_preset
 from sampling.decoding.speculation_policy import POLICIES
 
 TRACKING_BACKENDS = ("mlflow", "none")
+MAX_NUM_SAMPLES = 10_000
+MAX_NEW_TOKENS = 131_072
+"""The longest context of any supported model; the loaded model's own context is checked before
+generating (`check_model_fit`)."""
+MAX_BATCH_SIZE = 4_096
+MAX_ROWS = 1_000_000
+"""Prompts × samples: each row is planned, generated and saved as a record."""
+MAX_TOTAL_NEW_TOKENS = 50_000_000
+"""Rows × max_new_tokens: every generated token is kept with its per-token statistics (about 100 bytes
+in Python lists), so this bounds a job's memory at a few GiB."""
+MAX_TIMEOUT_S = 3_600.0
+MAX_DECODER_COUNT = 1_024
+"""Drafts per round, n-gram length, exit layer: far above any useful value, below what would allocate
+without bound (a round's drafts are scored in one forward)."""
+MAX_STOP_STRINGS = 64
+MAX_STOP_STRING_CHARS = 1_000
+MAX_WORKERS = 64
 
 _POSITIVE_DECODER_FIELDS = ("num_draft_tokens", "max_ngram", "exit_layer")
 DRAFT_MODEL_KEY = "draft_model"
@@ -80,6 +97,8 @@ def validate_decoder_config(cfg: Mapping[str, Any]) -> None:
     for key in _POSITIVE_DECODER_FIELDS:
         if key in cfg and cfg[key] < 1:
             raise ConfigError(f"decoder.{key}={cfg[key]} is invalid: must be >= 1")
+        if key in cfg:
+            check_range(f"decoder.{key}", cfg[key], 1, MAX_DECODER_COUNT)
     if "min_confidence" in cfg and not 0.0 <= cfg["min_confidence"] < 1.0:
         raise ConfigError(
             f"decoder.min_confidence={cfg['min_confidence']} is invalid: must be in [0, 1) (0: off)"
@@ -99,11 +118,72 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [""])[0]
 
 
+def check_range(name: str, value: Any, low: float, high: float) -> None:
+    """ConfigError unless ``low <= value <= high`` (NaN never is).
+
+    >>> check_range("num_samples", 10**9, 1, 10_000)
+    Traceback (most recent call last):
+    ...
+    rtdlm_experiments.schema.ConfigError: num_samples=1000000000 is invalid: must be in [1, 10000]
+    >>> check_range("eval.timeout_s", float("nan"), 0.001, 3600)
+    Traceback (most recent call last):
+    ...
+    rtdlm_experiments.schema.ConfigError: eval.timeout_s=nan is invalid: must be in [0.001, 3600]
+    """
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is invalid: must be in [{low:g}, {high:g}]")
+
+
+def check_job_size(num_prompts: int, num_samples: int, max_new_tokens: int) -> None:
+    """Rows (prompts × samples) and their new tokens within what one job can hold."""
+    rows = num_prompts * num_samples
+    if rows > MAX_ROWS:
+        raise ConfigError(
+            f"num_samples={num_samples} is invalid: {num_prompts} prompts × {num_samples} samples = {rows}"
+            f" rows, at most {MAX_ROWS} per job"
+        )
+    if rows * max_new_tokens > MAX_TOTAL_NEW_TOKENS:
+        raise ConfigError(
+            f"max_new_tokens={max_new_tokens} is invalid: {rows} rows × {max_new_tokens} = "
+            f"{rows * max_new_tokens} new tokens, at most {MAX_TOTAL_NEW_TOKENS} per job (each is kept "
+            "with its statistics): fewer samples, prompts (prompts.limit) or new tokens"
+        )
+
+
+def check_model_fit(
+    spec: JobSpec, prompt_ids: list[list[int]], vocab_size: int, max_context: int | None
+) -> None:
+    """Checks that need the loaded model (its vocabulary and context), run before any generation: every
+    ``logit_bias`` id is a token of the vocabulary, and each prompt plus ``max_new_tokens`` fits the
+    context (naming the first prompt that does not)."""
+    for token_id, _ in spec.sampling.logit_bias:
+        if token_id >= vocab_size:
+            raise ConfigError(
+                f"sampling.logit_bias={{{token_id}: ...}} is invalid: token ids must be in [0, {vocab_size})"
+                " (the model's vocabulary)"
+            )
+    if max_context is None:
+        return
+    if spec.max_new_tokens >= max_context:
+        raise ConfigError(
+            f"max_new_tokens={spec.max_new_tokens} is invalid: must be below the model's context of "
+            f"{max_context} tokens (the prompt needs room too)"
+        )
+    for index, ids in enumerate(prompt_ids):
+        if len(ids) + spec.max_new_tokens > max_context:
+            text = spec.prompts[index].text
+            raise ConfigError(
+                f"prompts: prompt {index} ({text[:40]!r}{'...' if len(text) > 40 else ''}) is invalid: "
+                f"{len(ids)} tokens + max_new_tokens={spec.max_new_tokens} > the model's context of "
+                f"{max_context}"
+            )
+
+
 def prepare_job(cfg: DictConfig) -> JobSpec:
     """Validate a composed config into a `JobSpec`; raises `ConfigError` naming the first bad field."""
-    for key in ("max_new_tokens", "num_samples", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} is invalid: must be >= 1")
+    check_range("max_new_tokens", cfg.max_new_tokens, 1, MAX_NEW_TOKENS)
+    check_range("num_samples", cfg.num_samples, 1, MAX_NUM_SAMPLES)
+    check_range("batch_size", cfg.batch_size, 1, MAX_BATCH_SIZE)
     if cfg.seed < 0:
         raise ConfigError(f"seed={cfg.seed} is invalid: must be >= 0")
     if cfg.tracking.backend not in TRACKING_BACKENDS:
@@ -119,13 +199,16 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
     decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
     validate_decoder_config(decoder_cfg)
     prompts = load_prompts(cfg.prompts)
+    check_job_size(len(prompts), cfg.num_samples, cfg.max_new_tokens)
     execution = execution_settings(cfg.get("eval") or {})
+    check_range("eval.timeout_s", execution.timeout_s, 0.001, MAX_TIMEOUT_S)
+    if execution.workers is not None:
+        check_range("eval.workers", execution.workers, 1, MAX_WORKERS)
     check_code_execution(prompts, execution)
     judge = cfg.get("judge") or {}
     if judge.get("model") is not None:
         validate_model(judge["model"], field_name="judge.model")
-    if judge.get("batch_size", 1) < 1:
-        raise ConfigError(f"judge.batch_size={judge['batch_size']} is invalid: must be >= 1")
+    check_range("judge.batch_size", judge.get("batch_size", 1), 1, MAX_BATCH_SIZE)
     return JobSpec(
         sampling=sampling_config(cfg.sampling, seed=cfg.seed),
         model=model_cfg,
@@ -136,12 +219,21 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
         max_new_tokens=cfg.max_new_tokens,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
-        stop_strings=stop_strings(cfg.prompts),
+        stop_strings=_bounded_stop_strings(stop_strings(cfg.prompts)),
         ignore_eos=bool(cfg.get("ignore_eos", False)),
         execution=execution,
         judge_model=judge.get("model"),
         judge_batch_size=judge.get("batch_size", 4),
     )
+
+
+def _bounded_stop_strings(strings: tuple[str, ...]) -> tuple[str, ...]:
+    """At most `MAX_STOP_STRINGS`, each at most `MAX_STOP_STRING_CHARS` long (each is searched for in
+    every row's text after every step)."""
+    check_range("len(prompts.stop_strings)", len(strings), 0, MAX_STOP_STRINGS)
+    if longest := max(strings, key=len, default=""):
+        check_range("the longest of prompts.stop_strings' length", len(longest), 1, MAX_STOP_STRING_CHARS)
+    return strings
 
 
 def validate_model(model_cfg: Mapping[str, Any] | str, field_name: str) -> None:

@@ -166,7 +166,7 @@ def test_bad_value_fails_fast_with_one_line_naming_the_field(
     ("override", "expected"),
     [
         ("sampling=wild", "Could not find 'sampling/wild'"),
-        ("max_new_tokens=abc", "Error merging override max_new_tokens=abc"),
+        ("sampling.top_k=[1]", "Error merging override sampling.top_k=[1]"),
     ],
 )
 def test_compose_error_is_hydras_short_message(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm_experiments.tasks import _sandbox_uids
 from rtdlm_experiments.tasks.execution import (
     STATUSES,
     ExecutionResult,
@@ -18,6 +17,7 @@ from rtdlm_experiments.tasks.execution import (
     run_programs,
     sandbox_isolation,
 )
+from tests.sandbox_processes import live_processes_started_in, record_sandbox_dirs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ISOLATION = sandbox_isolation()
@@ -26,25 +26,15 @@ needs_uid = pytest.mark.skipif(
 )
 
 
-def sandbox_processes() -> list[int]:
-    """Pids of live processes running as any uid of the sandbox pool."""
-    pool = range(_sandbox_uids.FIRST_UID, _sandbox_uids.FIRST_UID + _sandbox_uids.POOL_SIZE)
-    found = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            lines = status.read_text().splitlines()
-        except OSError:
-            continue
-        uid_line = next((line for line in lines if line.startswith("Uid:")), "")
-        state = next((line for line in lines if line.startswith("State:")), "")
-        if uid_line and int(uid_line.split()[1]) in pool and "zombie" not in state:
-            found.append(int(status.parent.name))
-    return found
+@pytest.fixture
+def started(monkeypatch) -> list[Path]:
+    """The sandbox directories of this test's programs (see `tests.sandbox_processes`)."""
+    return record_sandbox_dirs(monkeypatch)
 
 
-def assert_runner_unharmed() -> None:
+def assert_runner_unharmed(started: list[Path]) -> None:
     assert run_program("print(6 * 7)", timeout_s=10).stdout == "42\n"
-    assert sandbox_processes() == []
+    assert live_processes_started_in(started) == []
 
 
 def test_passed_failed_error_basic_cases():
@@ -89,16 +79,16 @@ def test_program_cannot_fill_the_disk_beyond_its_directory_size():
     assert (result.status, result.detail) == ("error", "OSError: [Errno 28] No space left on device")
 
 
-def test_memory_bomb_ends_as_error_and_runner_is_unharmed():
+def test_memory_bomb_ends_as_error_and_runner_is_unharmed(started: list[Path]):
     result = run_program("blocks = []\nwhile True:\n    blocks.append(bytearray(1 << 24))\n", timeout_s=10)
     assert result.status in ("error", "timeout")
     assert result.status == "timeout" or "MemoryError" in result.detail
-    assert_runner_unharmed()
+    assert_runner_unharmed(started)
 
 
 @needs_uid
 @pytest.mark.slow
-def test_fork_bomb_ends_bounded_and_leaves_no_process_behind():
+def test_fork_bomb_ends_bounded_and_leaves_no_process_behind(started: list[Path]):
     bomb = (
         "import os\n"
         "while True:\n"
@@ -110,11 +100,11 @@ def test_fork_bomb_ends_bounded_and_leaves_no_process_behind():
     )
     result = run_program(bomb, timeout_s=2.0)
     assert result.status in ("error", "timeout")
-    assert_runner_unharmed()
+    assert_runner_unharmed(started)
 
 
 @needs_uid
-def test_process_limit_is_in_force_before_the_program_runs():
+def test_process_limit_is_in_force_before_the_program_runs(started: list[Path]):
     result = run_program(
         "import os\npids = []\n"
         "try:\n"
@@ -130,7 +120,7 @@ def test_process_limit_is_in_force_before_the_program_runs():
     )
     assert result.status == "passed"
     assert 0 < int(result.stdout) < 50
-    assert sandbox_processes() == []
+    assert live_processes_started_in(started) == []
 
 
 def _write_attempt(target: Path) -> str:

@@ -152,8 +152,7 @@ def test_compare_two_job_folders_prints_a_verdict_per_metric(default_job, tmp_pa
     lines = capsys.readouterr().out.splitlines()
     verdicts = {line.split(":")[0]: line for line in lines[2:]}
     assert {"contains_answer", "mean_logprob", "seq_rep_4", "loop", "distinct_2"} <= set(verdicts)
-    assert all(
-        re.search(r"p = .*: (within noise|B is higher|B is lower)$", line) for line in verdicts.values()
-    )
+    # 6 prompts: below stats.MIN_PAIRED_PROMPTS, so no difference is called either way
+    assert all(line.endswith(": too few prompts to tell (at least 10 needed)") for line in verdicts.values())
     assert report.main(["--compare", str(folder_a), str(folder_a), "--resamples", "200"]) == 0
-    assert all(line.endswith("within noise") for line in capsys.readouterr().out.splitlines()[2:])
+    assert all("too few prompts to tell" in line for line in capsys.readouterr().out.splitlines()[2:])

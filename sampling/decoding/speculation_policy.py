@@ -25,6 +25,7 @@ is untouched (each round is exact given its prefix); only which draws a seed pro
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from collections.abc import Mapping
@@ -62,13 +63,18 @@ def interpolated_cost(costs: Mapping[int, float], k: int) -> float:
 
 def round_speedup(alpha: float, gamma: int, draft_step: float, verify_costs: Mapping[int, float]) -> float:
     """Predicted speedup over plain decoding of rounds offering ``gamma`` drafts:
-    E[tokens](α, γ) · v(1) / (γ·d + v(γ + 1)); exactly 1 for γ = 0.
+    E[tokens](α, γ) · v(1) / (γ·d + v(γ + 1)); exactly 1 for γ = 0. A clock too coarse to see a round
+    (all costs 0) leaves only the token count: E[tokens](α, γ).
 
     >>> round(round_speedup(0.5, 2, 0.1, {1: 1.0, 3: 1.2}), 4)   # 1.75 tokens for 1.4 plain steps
     1.25
+    >>> round_speedup(0.5, 2, 0.0, {1: 0.0, 3: 0.0}), round_speedup(0.5, 0, 0.0, {1: 0.0})
+    (1.75, 1.0)
     """
     ar_step = interpolated_cost(verify_costs, 1)
     cost = gamma * draft_step + interpolated_cost(verify_costs, gamma + 1)
+    if cost <= 0:
+        return expected_tokens(alpha, gamma) if ar_step <= 0 else math.inf
     return expected_tokens(alpha, gamma) * ar_step / cost
 
 
