@@ -85,8 +85,9 @@ class Cluster:
         pwfile.write_text(self.password + "\n")
         if self.account is not None:
             os.chown(pwfile, self.account.pw_uid, self.account.pw_gid)
-        command = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER, "--pwfile", str(pwfile),
-                   "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"]  # fmt: skip
+        command = [str(self.bin_dir / "initdb"), "-D", str(self.data), "-U", SUPERUSER,
+                   "--pwfile", str(pwfile), "--auth=scram-sha-256", "-E", "UTF8", "--locale=C",
+                   "--no-sync"]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=self.root,
                                 **self._as_server_user())  # fmt: skip
         pwfile.unlink()
@@ -97,7 +98,8 @@ class Cluster:
         # No fsync: a throwaway cluster; a test's outage is a clean (fast) shutdown, never a crash.
         command = [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
                    "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-                   "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"]  # fmt: skip
+                   "-c", "fsync=off", "-c", "synchronous_commit=off",
+                   "-c", "max_connections=200"]  # fmt: skip
         with open(self.log_path, "a") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
                                             start_new_session=True, **self._as_server_user())  # fmt: skip
