@@ -117,17 +117,19 @@ def finish_sweep(sweep_dir: Path, job_failed: bool) -> None:
 
 def jobs_without_results(sweep_dir: Path) -> list[str]:
     """The jobs Hydra started in ``sweep_dir`` that saved no ``results.json`` (their process died: killed,
-    out of memory), as ``#<num> <overrides>``, in job order."""
+    out of memory), as ``#<num> <its swept overrides>``, in job order."""
     from omegaconf import OmegaConf
 
+    swept_keys = (read_sweep_info(sweep_dir) or {}).get("swept_keys") or []
     lines = []
     for hydra_dir in sorted(sweep_dir.glob("*/.hydra"), key=lambda path: job_order(path.parent)):
         job_dir = hydra_dir.parent
         if (job_dir / RESULTS_FILE).is_file():
             continue
         overrides_file = hydra_dir / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
-        lines.append(f"#{job_dir.name} {' '.join(str(item) for item in overrides)}".rstrip())
+        overrides = [str(item) for item in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+        swept = [item for item in overrides if names.override_key(item) in swept_keys]
+        lines.append(f"#{job_dir.name} {' '.join(swept)}".rstrip())
     return lines
 
 

@@ -52,21 +52,22 @@ def postgres_mlflow(cluster, root: Path) -> Iterator[PostgresMlflow]:
 
 
 def assert_each_job_finished_once(
-    store: PostgresMlflow, experiment: str, sweep_dir: Path, jobs: int
+    store: PostgresMlflow, experiment: str, sweep_dir: Path, jobs: int, parents: int = 1
 ) -> tuple[Run, list[Run]]:
-    """The sweep's runs in ``experiment``: exactly one parent (the one in ``sweep.json``), FINISHED; one
-    FINISHED child per job folder, its metrics exactly those of the job's ``results.json``; no config with
-    two FINISHED runs, counting deleted runs too. Returns the parent and the live children by job number."""
+    """The runs of the sweep in ``sweep_dir``: its parent (the one in ``sweep.json``) FINISHED, and
+    ``parents`` sweep parents in ``experiment`` in all (no duplicate parent); one FINISHED child per job,
+    its metrics exactly those of the job's ``results.json``; no config with two FINISHED runs under the
+    parent, deleted runs counted too. Returns the parent and its live children in job order."""
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
     runs = store.all_runs(experiment)
-    parents = [run for run in runs if run.data.tags.get(SWEEP_TAG) == "true"]
-    assert [run.info.run_id for run in parents] == [parent_id], [run.info.run_name for run in parents]
-    assert parents[0].info.status == "FINISHED"
-    finished = [run for run in runs if run.info.status == "FINISHED" and run.info.run_id != parent_id]
-    per_config = Counter(run.data.tags[CONFIG_HASH_TAG] for run in finished)
-    assert set(per_config.values()) == {1}, per_config
-    live = [run for run in runs if run.info.lifecycle_stage == "active" and run.info.run_id != parent_id]
-    assert {run.data.tags.get("mlflow.parentRunId") for run in live} == {parent_id}
+    sweep_parents = [run for run in runs if run.data.tags.get(SWEEP_TAG) == "true"]
+    assert len(sweep_parents) == parents, [run.info.run_name for run in sweep_parents]
+    (parent,) = [run for run in sweep_parents if run.info.run_id == parent_id]
+    assert parent.info.status == "FINISHED"
+    mine = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent_id]
+    per_config = Counter(run.data.tags[CONFIG_HASH_TAG] for run in mine if run.info.status == "FINISHED")
+    assert set(per_config.values()) == {1} and len(per_config) == jobs, per_config
+    live = [run for run in mine if run.info.lifecycle_stage == "active"]
     children = sorted(live, key=lambda run: int(run.data.tags["hydra.job_num"]))
     assert [run.info.status for run in children] == ["FINISHED"] * jobs
     for num, child in enumerate(children):
@@ -75,4 +76,4 @@ def assert_each_job_finished_once(
         expected = metrics_to_log(record["metrics"], speculative)
         assert set(child.data.metrics) == set(expected), f"job {num}: metrics lost or extra"
         assert child.data.metrics == pytest.approx(expected, rel=1e-6, nan_ok=True), f"job {num}"
-    return parents[0], children
+    return parent, children
