@@ -47,7 +47,9 @@ def postgres_mlflow(cluster, root: Path) -> Iterator[PostgresMlflow]:
     database = f"mlflow_{uuid.uuid4().hex[:12]}"
     url = cluster.create_database(database)
     root.mkdir(parents=True, exist_ok=True)
-    with serve_mlflow(server_args(url, root / "artifacts"), root / "mlflow-server.log") as uri:
+    args = server_args(None, root / "artifacts")
+    env = {"MLFLOW_BACKEND_STORE_URI": url}  # the password off the command line
+    with serve_mlflow(args, root / "mlflow-server.log", env=env) as uri:
         yield PostgresMlflow(uri, cluster.dsn(database), MlflowClient(uri))
 
 

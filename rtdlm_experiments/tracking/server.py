@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,17 +63,23 @@ def stop_process_group(process: subprocess.Popen, timeout: float = 15) -> None:
 
 @contextmanager
 def serve_mlflow(
-    args: Sequence[str], log_path: Path, start_timeout: float = 180, port: int | None = None
+    args: Sequence[str],
+    log_path: Path,
+    start_timeout: float = 180,
+    port: int | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
     """``python -m mlflow <args> --host 127.0.0.1 --port <free port> --workers 1``; yields its base URL
-    once it answers and stops it (its process group, by id) afterwards. Its output goes to ``log_path``."""
+    once it answers and stops it (its process group, by id) afterwards. Its output goes to ``log_path``;
+    ``env`` adds to its environment (e.g. ``MLFLOW_BACKEND_STORE_URI``: a password kept off the command
+    line, which every local user can read)."""
     port = port or free_port()
     command = [sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]  # fmt: skip
     with open(log_path, "w") as log:
         process = subprocess.Popen(
             command,
-            env={**os.environ, **_SERVER_ENV},
+            env={**os.environ, **_SERVER_ENV, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so its workers stop with it
@@ -86,8 +92,8 @@ def serve_mlflow(
         stop_process_group(process)
 
 
-def server_args(backend_store_uri: str, artifacts_destination: Path) -> list[str]:
-    """The arguments of ``mlflow server`` with its own store and artifact folder (proxied uploads: the
-    clients need no access to the folder)."""
-    return ["server", "--backend-store-uri", backend_store_uri,
-            "--artifacts-destination", str(artifacts_destination)]  # fmt: skip
+def server_args(backend_store_uri: str | None, artifacts_destination: Path) -> list[str]:
+    """The arguments of ``mlflow server`` with its own store (None: ``$MLFLOW_BACKEND_STORE_URI``) and
+    artifact folder (proxied uploads: the clients need no access to the folder)."""
+    store = ["--backend-store-uri", backend_store_uri] if backend_store_uri else []
+    return ["server", *store, "--artifacts-destination", str(artifacts_destination)]
