@@ -129,7 +129,7 @@ def jobs_without_results(sweep_dir: Path) -> list[str]:
         overrides_file = hydra_dir / "overrides.yaml"
         overrides = [str(item) for item in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
         swept = [item for item in overrides if names.override_key(item) in swept_keys]
-        lines.append(f"#{job_dir.name} {' '.join(swept)}".rstrip())
+        lines.append(f"#{job_dir.name} {' '.join(swept) or '(its overrides were not saved yet)'}")
     return lines
 
 

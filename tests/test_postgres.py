@@ -75,3 +75,25 @@ def test_many_workers_one_store_each_job_finished_once_under_one_parent(
     sweep_dir = run_sweep(launch_app, tmp_path, args)
     _, children = assert_each_job_finished_once(store, experiment, sweep_dir, jobs=4)
     assert [child.info.run_name for child in children] == ["creative", "balanced", "precise", "deterministic"]
+
+
+def test_postgres_url_is_a_fresh_database_of_a_server_that_runs_unprivileged_on_loopback(
+    postgres_url: str, postgres_cluster
+):
+    """The fixture other tests (an Optuna storage) take: a SQLAlchemy URL of an empty database, on
+    127.0.0.1, served by a postmaster that is not root."""
+    import sqlalchemy
+
+    assert postgres_url.startswith("postgresql+psycopg://") and "@127.0.0.1:" in postgres_url
+    engine = sqlalchemy.create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            count = "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'"
+            tables = connection.execute(sqlalchemy.text(count)).scalar()
+            listen = connection.execute(sqlalchemy.text("SHOW listen_addresses")).scalar()
+    finally:
+        engine.dispose()
+    assert (tables, listen) == (0, "127.0.0.1")
+    status = Path(f"/proc/{postgres_cluster.process.pid}/status").read_text()
+    real_uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+    assert real_uid != 0

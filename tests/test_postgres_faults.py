@@ -95,12 +95,20 @@ def test_a_worker_killed_mid_job_fails_one_job_and_the_same_schedule_command_fin
     baseline = finish(start("day1"))
     assert baseline.returncode == 0, baseline.stdout[-3000:] + baseline.stderr[-3000:]
 
-    # day2: once the three short jobs are logged and the long one runs, SIGKILL the worker running it.
+    # day2: once the three short jobs are logged and the long one's run is open (it is generating), SIGKILL
+    # the worker running it.
     earlier = set(sweep_dirs())
     process = start("day2")
     try:
         (sweep_dir,) = wait_for(lambda: set(sweep_dirs()) - earlier, 300, "day2's sweep folder")
         wait_for(lambda: all((sweep_dir / str(n) / LOGGED_FILE).is_file() for n in range(3)), 300, "jobs 0-2")
+        parent_id = json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
+        running = (
+            f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`hydra.job_num` = '3' "
+            "and attributes.status = 'RUNNING'"
+        )
+        experiment_id = store.client.get_experiment_by_name(experiment).experiment_id
+        wait_for(lambda: store.client.search_runs([experiment_id], running), 300, "job 3's run")
         worker = wait_for(
             lambda: process_writing_in(sweep_dir / "3", descendants(process.pid)), 300, "job 3's worker"
         )
