@@ -97,3 +97,21 @@ def test_postgres_url_is_a_fresh_database_of_a_server_that_runs_unprivileged_on_
     status = Path(f"/proc/{postgres_cluster.process.pid}/status").read_text()
     real_uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
     assert real_uid != 0
+
+
+def test_processes_creating_one_experiment_at_once_all_get_it(store: PostgresMlflow):
+    """Jobs started together against a fresh store race to create the experiment: every one gets the
+    same experiment, none fails (MLflow answers the losers RESOURCE_ALREADY_EXISTS)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow import MlflowClient
+
+    from rtdlm_experiments.tracking import ensure_experiment
+
+    for attempt in range(5):
+        name = f"pg-race-{attempt}"
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            clients = [MlflowClient(store.uri) for _ in range(4)]
+            ids = list(pool.map(ensure_experiment, clients, [name] * 4))
+        assert len(set(ids)) == 1, ids
+        assert store.client.get_experiment(ids[0]).name == name

@@ -305,3 +305,34 @@ def test_logging_to_a_real_mlflow_server_over_http(launch_app, tiny_job, tmp_pat
             client, run.info.run_id
         )
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used_not_an_error():
+    """`ensure_experiment` losing the race to create the experiment: it takes the winner's; any other
+    error of ``create_experiment`` still propagates."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_ALREADY_EXISTS
+
+    from rtdlm_experiments.tracking import ensure_experiment
+
+    class LosingClient:
+        tracking_uri = "http://127.0.0.1:1"
+
+        def __init__(self, error_code: int) -> None:
+            self.error_code, self.created = error_code, False
+
+        def get_experiment_by_name(self, name: str):
+            return SimpleNamespace(experiment_id="7", tags={}) if self.created else None
+
+        def create_experiment(self, name: str, artifact_location=None):
+            self.created = True  # the other process's
+            raise MlflowException("already exists", error_code=self.error_code)
+
+        def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+            assert experiment_id == "7"
+
+    assert ensure_experiment(LosingClient(RESOURCE_ALREADY_EXISTS), "x") == "7"
+    with pytest.raises(MlflowException):
+        ensure_experiment(LosingClient(INTERNAL_ERROR), "x")
