@@ -146,6 +146,8 @@ def test_a_worker_killed_mid_job_fails_one_job_and_the_same_schedule_command_fin
 def test_postgres_stopped_during_a_job_keeps_its_results_and_sync_uploads_them(
     launch_app, start_app, tiny_job, tmp_path: Path
 ):
+    if postgres_cluster.server_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql")
     cluster = postgres_cluster.start_cluster()  # its own: this test stops it
     try:
         with postgres_mlflow(cluster, tmp_path / "server") as store:
