@@ -58,6 +58,14 @@ def process_writing_in(job_dir: Path, candidates: set[int]) -> int | None:
     return None
 
 
+def sweep_parent(sweep_dir: Path) -> str | None:
+    """The parent run id in ``sweep.json``, once it is written."""
+    try:
+        return json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> object:
     deadline = time.monotonic() + timeout
     while not (value := condition()):
@@ -95,14 +103,13 @@ def test_a_worker_killed_mid_job_fails_one_job_and_the_same_schedule_command_fin
     baseline = finish(start("day1"))
     assert baseline.returncode == 0, baseline.stdout[-3000:] + baseline.stderr[-3000:]
 
-    # day2: once the three short jobs are logged and the long one's run is open (it is generating), SIGKILL
-    # the worker running it.
+    # day2: once the long job's run is open (it is generating), freeze its worker (SIGSTOP: it cannot finish
+    # however fast the machine is), let the three short jobs be logged, then SIGKILL it.
     earlier = set(sweep_dirs())
-    process = start("day2")
+    process, worker = start("day2"), None
     try:
         (sweep_dir,) = wait_for(lambda: set(sweep_dirs()) - earlier, 300, "day2's sweep folder")
-        wait_for(lambda: all((sweep_dir / str(n) / LOGGED_FILE).is_file() for n in range(3)), 300, "jobs 0-2")
-        parent_id = json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
+        parent_id = wait_for(lambda: sweep_parent(sweep_dir), 300, "day2's parent run")
         running = (
             f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`hydra.job_num` = '3' "
             "and attributes.status = 'RUNNING'"
@@ -112,9 +119,12 @@ def test_a_worker_killed_mid_job_fails_one_job_and_the_same_schedule_command_fin
         worker = wait_for(
             lambda: process_writing_in(sweep_dir / "3", descendants(process.pid)), 300, "job 3's worker"
         )
-        os.kill(worker, signal.SIGKILL)
-        assert not (sweep_dir / "3" / RESULTS_FILE).exists(), "job 3 finished before it could be killed"
+        os.kill(worker, signal.SIGSTOP)
+        assert not (sweep_dir / "3" / RESULTS_FILE).exists(), "job 3 finished before it could be stopped"
+        wait_for(lambda: all((sweep_dir / str(n) / LOGGED_FILE).is_file() for n in range(3)), 300, "jobs 0-2")
     finally:
+        if worker is not None:
+            os.kill(worker, signal.SIGKILL)
         killed = finish(process)
     assert killed.returncode == schedule.EXIT_FAILED, killed.stdout[-3000:] + killed.stderr[-3000:]
     died = [line for line in killed.stdout.splitlines() if "died before saving its results" in line]
