@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from rtdlm_experiments import terminal, tracking
 from rtdlm_experiments.report import summarize_sweep
 from rtdlm_experiments.results import (
     KEY_METRICS,
+    RESULTS_FILE,
     job_dirs,
     load_job,
     read_sweep_info,
@@ -110,27 +112,55 @@ def finish_sweep(sweep_dir: Path, job_failed: bool) -> None:
         except Exception as err:
             log.warning("could not end the MLflow sweep run %s (%s)", parent_run_id, tracking.first_line(err))
             mlflow = None
-    print(sweep_end_text(records, sweep_dir, summary, mlflow), flush=True)
+    print(sweep_end_text(records, sweep_dir, summary, mlflow, jobs_without_results(sweep_dir)), flush=True)
+
+
+def jobs_without_results(sweep_dir: Path) -> list[str]:
+    """The jobs Hydra started in ``sweep_dir`` that saved no ``results.json`` (their process died: killed,
+    out of memory), as ``#<num> <its swept overrides>``, in job order."""
+    from omegaconf import OmegaConf
+
+    swept_keys = (read_sweep_info(sweep_dir) or {}).get("swept_keys") or []
+    lines = []
+    for hydra_dir in sorted(sweep_dir.glob("*/.hydra"), key=lambda path: job_order(path.parent)):
+        job_dir = hydra_dir.parent
+        if (job_dir / RESULTS_FILE).is_file():
+            continue
+        overrides_file = hydra_dir / "overrides.yaml"
+        overrides = [str(item) for item in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
+        swept = [item for item in overrides if names.override_key(item) in swept_keys]
+        lines.append(f"#{job_dir.name} {' '.join(swept) or '(its overrides were not saved yet)'}")
+    return lines
+
+
+def job_order(job_dir: Path) -> tuple[int, str]:
+    return (int(job_dir.name), "") if job_dir.name.isdigit() else (1 << 30, job_dir.name)
 
 
 def sweep_end_text(
-    records: list[dict[str, Any]], sweep_dir: Path, summary: dict[str, Path], mlflow: dict[str, str] | None
+    records: list[dict[str, Any]],
+    sweep_dir: Path,
+    summary: dict[str, Path],
+    mlflow: dict[str, str] | None,
+    died: Sequence[str] = (),
 ) -> str:
     """What a sweep prints once at its end: the table of its jobs (metric [CI] where known), one line per
-    failed job, where the files are and the link to its runs in the MLflow UI."""
+    failed job (also per job whose process died before saving anything, ``died``), where the files are and
+    the link to its runs in the MLflow UI."""
     rows = [
         {"run": record["job"]["run_name"], "status": record.get("status", "?"), **record.get("metrics", {})}
         for record in records
     ]
     lines = ["", f"== sweep: {len(records)} jobs in {sweep_dir}", terminal.summary_text(rows, KEY_METRICS)]
     failures = [record for record in records if record.get("status") != "COMPLETED"]
-    if failures:
-        lines.append(f"{len(failures)} job(s) failed:")
+    if failures or died:
+        lines.append(f"{len(failures) + len(died)} job(s) failed:")
         lines += [
             f"  #{record['job'].get('num')} {record['job']['run_name']}: "
             + (str(record.get("error") or "no error recorded").strip().splitlines() or [""])[0][:300]
             for record in failures
         ]
+        lines += [f"  {job}: died before saving its results (killed? out of memory?)" for job in died]
     if summary:
         lines.append(f"summary: {summary['md']}")
     if mlflow:

@@ -131,3 +131,34 @@ def tiny_job(prompt_file: Path) -> tuple[str, ...]:
         "prompts.chat_template=false",
         "max_new_tokens=4",
     )
+
+
+# --- PostgreSQL (tests marked `postgres`) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster for the session (`tests/postgres_cluster.py`): a temp dir, a free
+    127.0.0.1 port, an unprivileged account when run as root; stopped and deleted at the end. Skipped,
+    with the reason, only where the server binaries are absent."""
+    import postgres_cluster
+
+    if postgres_cluster.server_bin_dir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, postgres) not found: apt-get install postgresql")
+    cluster = postgres_cluster.start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty database of the session's cluster, as a SQLAlchemy URL
+    (``postgresql+psycopg://user:password@127.0.0.1:port/db``): what MLflow's ``--backend-store-uri`` or an
+    Optuna storage takes. Needs neither mlflow nor optuna."""
+    import re
+    import uuid
+
+    name = re.sub(r"[^a-z0-9_]", "_", request.node.name.lower())[:40] + "_" + uuid.uuid4().hex[:8]
+    return postgres_cluster.create_database(name)

@@ -88,3 +88,20 @@ def test_the_documented_slurm_command_composes():
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 180)
     assert "/multirun/" in launcher.submitit_folder and launcher.submitit_folder.endswith("/.submitit/%j")
     assert cfg.tracking.uri == "http://mlflow:5000"
+
+
+def test_a_job_whose_process_died_before_saving_is_listed_as_failed_in_one_line(tmp_path: Path):
+    """A worker SIGKILLed mid-job leaves its Hydra folder without ``results.json``: the sweep's end counts
+    it among the failures, named like its run (the swept values only)."""
+    from rtdlm_experiments import callbacks
+    from rtdlm_experiments.results import write_sweep_info
+
+    write_sweep_info(tmp_path, {"name": "presets", "swept_keys": ["max_new_tokens"], "mlflow": None})
+    for num, tokens in ((0, 4), (1, 160)):
+        (tmp_path / str(num) / ".hydra").mkdir(parents=True)
+        overrides = f"- model=tiny-random\n- max_new_tokens={tokens}\n- tracking.parent_run_id=abc\n"
+        (tmp_path / str(num) / ".hydra" / "overrides.yaml").write_text(overrides)
+    (tmp_path / "0" / "results.json").write_text("{}")
+    assert callbacks.jobs_without_results(tmp_path) == ["#1 max_new_tokens=160"]
+    text = callbacks.sweep_end_text([], tmp_path, {}, None, callbacks.jobs_without_results(tmp_path))
+    assert "1 job(s) failed:\n  #1 max_new_tokens=160: died before saving its results" in text

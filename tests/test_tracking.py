@@ -6,13 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from rtdlm_experiments import metric_names, report, sync
+from rtdlm_experiments.tracking.server import free_port, serve_mlflow, server_args
 
 # --- helpers ------------------------------------------------------------------------------------------
 
@@ -51,48 +45,12 @@ def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
-def mlflow_server(root: Path, start_timeout: float = 120) -> Iterator[str]:
-    """A real ``mlflow server`` on a free local port; yields its URI and stops it (its process group, by
-    PID) afterwards."""
-    port = free_port()
-    log_path = root / "server.log"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-               "--artifacts-destination", str(root / "server-artifacts")]  # fmt: skip
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, so its workers stop with it
-        )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            assert process.poll() is None, f"mlflow server exited:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"mlflow server not up in {start_timeout} s"
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+def mlflow_server(root: Path, start_timeout: float = 180) -> Iterator[str]:
+    """A real ``mlflow server`` with a SQLite store in ``root`` on a free local port; yields its URI."""
+    args = server_args(f"sqlite:///{root / 'server.db'}", root / "server-artifacts")
+    with serve_mlflow(args, root / "server.log", start_timeout) as uri:
         yield uri
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
 
 
 # --- a sweep, logged live -----------------------------------------------------------------------------
@@ -347,3 +305,34 @@ def test_logging_to_a_real_mlflow_server_over_http(launch_app, tiny_job, tmp_pat
             client, run.info.run_id
         )
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_an_experiment_created_meanwhile_by_another_process_is_used_not_an_error():
+    """`ensure_experiment` losing the race to create the experiment: it takes the winner's; any other
+    error of ``create_experiment`` still propagates."""
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, RESOURCE_ALREADY_EXISTS
+
+    from rtdlm_experiments.tracking import ensure_experiment
+
+    class LosingClient:
+        tracking_uri = "http://127.0.0.1:1"
+
+        def __init__(self, error_code: int) -> None:
+            self.error_code, self.created = error_code, False
+
+        def get_experiment_by_name(self, name: str):
+            return SimpleNamespace(experiment_id="7", tags={}) if self.created else None
+
+        def create_experiment(self, name: str, artifact_location=None):
+            self.created = True  # the other process's
+            raise MlflowException("already exists", error_code=self.error_code)
+
+        def set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
+            assert experiment_id == "7"
+
+    assert ensure_experiment(LosingClient(RESOURCE_ALREADY_EXISTS), "x") == "7"
+    with pytest.raises(MlflowException):
+        ensure_experiment(LosingClient(INTERNAL_ERROR), "x")

@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+
+from rtdlm_experiments.tracking.server import serve_mlflow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_SWEEP = ("-m", "model=tiny-random", "sampling=creative,balanced", "max_new_tokens=4", "prompts.limit=2")
@@ -36,44 +34,11 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serve_ui(store_uri: str, log_path: Path, start_timeout: float = 120) -> Iterator[str]:
     """``mlflow ui`` on ``store_uri`` at a free local port; yields its base URL, stops it afterwards."""
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri,
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    with open(log_path, "w") as log:
-        process = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow ui not up in {start_timeout} s")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with serve_mlflow(["ui", "--backend-store-uri", store_uri], log_path, start_timeout) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
 
 
 def _browser(args: Sequence[str], timeout: float) -> subprocess.CompletedProcess:

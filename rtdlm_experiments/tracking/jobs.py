@@ -31,6 +31,7 @@ from rtdlm_experiments.tracking.contents import (
     model_tags,
     prompt_set,
 )
+from rtdlm_experiments.tracking.runs import find_run
 from rtdlm_experiments.tracking.store import (
     ensure_experiment,
     first_line,
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _AUTOREGRESSIVE = "autoregressive"
+
+STARTED_FILE = "mlflow_run_started.json"
+"""In a job's folder when its upload failed: the run `start_job_run` had opened, so that ``sync`` fills
+that run rather than leaving it RUNNING beside a new one."""
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,8 @@ def log_job(
     parent_run_id: str | None = None,
     run_id: str | None = None,
 ) -> TrackedRun:
-    """Upload one job folder into run ``run_id`` (opened by `start_job_run`) or a new run: params (the
+    """Upload one job folder into run ``run_id`` (opened by `start_job_run`), else the run the job opened
+    before its upload failed (`STARTED_FILE`, still live in this store), else a new run: params (the
     flattened resolved config), tags, namespaced metrics, the prompt set as a dataset, the generations
     (table, HTML page), the result files, the record's extra artifacts and the config.
 
@@ -112,6 +118,11 @@ def log_job(
         return _mark_logged(
             job_dir, TrackedRun(client.tracking_uri, experiment_id, reused_run_id, parent_run_id)
         )
+    if run_id is None and (started := _started_run(client, job_dir)) is not None:
+        if started.info.status == "FINISHED":  # ended, but the job died before writing LOGGED_FILE
+            tracked = TrackedRun(client.tracking_uri, experiment_id, started.info.run_id, parent_run_id)
+            return _mark_logged(job_dir, tracked)
+        run_id = started.info.run_id
     if run_id is None:
         run_id = _create_run(client, experiment_id, record, parent_run_id)
     else:
@@ -125,6 +136,18 @@ def log_job(
     status = RunStatus.FINISHED if record.get("status") == "COMPLETED" else RunStatus.FAILED
     client.set_terminated(run_id, RunStatus.to_string(status), end_time=record.get("ended_at_ms"))
     return _mark_logged(job_dir, TrackedRun(client.tracking_uri, experiment_id, run_id, parent_run_id))
+
+
+def _started_run(client: MlflowClient, job_dir: Path) -> Any:
+    """The live run this job opened in this store before its upload failed (`STARTED_FILE`), if any."""
+    marker = job_dir / STARTED_FILE
+    if not marker.is_file():
+        return None
+    started = json.loads(marker.read_text(encoding="utf-8"))
+    if started.get("tracking_uri") != client.tracking_uri:
+        return None
+    run = find_run(client, started["run_id"])
+    return run if run is not None and run.info.lifecycle_stage == "active" else None
 
 
 def _params(record: Mapping[str, Any]) -> list[Any]:
@@ -201,6 +224,7 @@ def _log_record_artifacts(client: MlflowClient, run_id: str, job_dir: Path, name
 
 def _mark_logged(job_dir: Path, tracked: TrackedRun) -> TrackedRun:
     (job_dir / LOGGED_FILE).write_text(json.dumps(tracked.__dict__, indent=2) + "\n", encoding="utf-8")
+    (job_dir / STARTED_FILE).unlink(missing_ok=True)
     return tracked
 
 
@@ -249,12 +273,21 @@ def upload_job(
         experiment_id = parent.get("experiment_id") or ensure_experiment(client, experiment_name)
         return log_job(client, experiment_id, job_dir, parent.get("parent_run_id"))
     except Exception as err:
+        if started is not None:
+            _remember_started(job_dir, started)
         log.warning(
             "MLflow logging to %s failed (%s: %s); results are saved in %s; upload them later with: "
             "python -m rtdlm_experiments.tracking sync %s",
             uri, type(err).__name__, first_line(err), job_dir, sweep_dir or job_dir,
         )  # fmt: skip
         return None
+
+
+def _remember_started(job_dir: Path, started: TrackedRun) -> None:
+    try:
+        (job_dir / STARTED_FILE).write_text(json.dumps(started.__dict__, indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        log.info("could not record run %s in %s (%s)", started.run_id, job_dir, err)
 
 
 def discard_job_run(started: TrackedRun) -> None:

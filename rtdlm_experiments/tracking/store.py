@@ -150,18 +150,46 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
         if db_path := sqlite_path(client.tracking_uri):
             slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
             artifact_location = (db_path.parent / "mlartifacts" / slug).resolve().as_uri()
-        experiment_id = client.create_experiment(name, artifact_location=artifact_location)
-        tags: dict[str, str] = {}
+        experiment_id, tags = _create_experiment(client, name, artifact_location)
     else:
         experiment_id, tags = experiment.experiment_id, dict(experiment.tags)
     if EXPERIMENT_KIND_TAG not in tags:  # a kind a user picked in the UI is kept
-        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        _set_experiment_tag(client, experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     if DESCRIPTION_TAG not in tags:
-        client.set_experiment_tag(experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
+        _set_experiment_tag(client, experiment_id, DESCRIPTION_TAG, EXPERIMENT_DESCRIPTION)
     view = runs_view_state()
     if tags.get(_SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY) != view:
-        client.set_experiment_tag(experiment_id, _SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY, view)
+        _set_experiment_tag(client, experiment_id, _SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY, view)
     return experiment_id
+
+
+def _set_experiment_tag(client: MlflowClient, experiment_id: str, key: str, value: str) -> None:
+    """Set an experiment tag, once more after an error: MLflow's SQL store inserts a tag it did not find,
+    so two processes setting a new tag at once collide on its key (the server answers 400, seen on
+    PostgreSQL); the second try updates the row the other one inserted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_experiment_tag(experiment_id, key, value)
+    except MlflowException as err:
+        log.info("setting tag %s of experiment %s failed (%s); retrying", key, experiment_id, first_line(err))
+        client.set_experiment_tag(experiment_id, key, value)
+
+
+def _create_experiment(
+    client: MlflowClient, name: str, artifact_location: str | None
+) -> tuple[str, dict[str, str]]:
+    """Create experiment ``name``; when another process created it first (jobs or sweeps started together
+    against a fresh store), that one, with its tags."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location), {}
+    except MlflowException as err:
+        found = client.get_experiment_by_name(name) if err.error_code == "RESOURCE_ALREADY_EXISTS" else None
+        if found is None:
+            raise
+        return found.experiment_id, dict(found.tags)
 
 
 _VIEW_ORDER_METRIC = "distinct_2"
