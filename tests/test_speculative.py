@@ -162,10 +162,10 @@ def test_greedy_equals_greedy_autoregressive(decoder_name, test_device):
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
     greedy = get_preset("deterministic", repetition_penalty=1.3)
     for gamma in (1, 3, 5):
-        adaptive = SpeculativeDecoder(draft, gamma, adaptive=True)
+        heuristic = SpeculativeDecoder(draft, gamma, policy="heuristic")
         measured = decoders(draft, gamma, policy="measured")
         for decoder in (
-            {**decoders(draft, gamma), "speculative": adaptive}[decoder_name],
+            {**decoders(draft, gamma), "speculative": heuristic}[decoder_name],
             measured[decoder_name],
         ):
             check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
