@@ -10,7 +10,7 @@ import pytest
 
 from rtdlm_experiments.models import ByteTokenizer, HFCausalLM, build_tiny_random
 from sampling import SamplingConfig, get_preset
-from sampling.decoding import AutoregressiveDecoder, Decoder, GenerationOutput
+from sampling.decoding import AutoregressiveDecoder, Decoder, DraftVerifyDecoder, GenerationOutput
 from sampling.decoding.stopping import StopStrings
 from tests.sampling_helpers import PromptSet, assert_same_rows, early_stop_id, plain_decode
 
@@ -206,8 +206,9 @@ def test_invalid_max_batch_size(tiny):
         ROWS.generate(tiny, CONFIGS["greedy"], max_batch_size=0)
 
 
-def test_the_decoder_has_the_protocol_signature():
-    ours = inspect.signature(AutoregressiveDecoder.generate).parameters
+@pytest.mark.parametrize("decoder", [AutoregressiveDecoder, DraftVerifyDecoder])
+def test_the_decoders_have_the_protocol_signature(decoder):
+    ours = inspect.signature(decoder.generate).parameters
     protocol = inspect.signature(Decoder.generate).parameters
     assert [(p.name, p.kind, p.default) for p in ours.values()] == [
         (p.name, p.kind, p.default) for p in protocol.values()
