@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from benchmarks._common import markdown_table, ratio
-from sampling import ORDERS, SamplingConfig, TokenSampler, get_preset
+from sampling import SamplingConfig, TokenSampler, get_preset
 
 CONFIGS = {
     "balanced": get_preset("balanced", order="hf"),
@@ -48,9 +48,7 @@ CONFIGS = {
     "typical 0.9": SamplingConfig(typical_p=0.9, order="hf"),
     "epsilon 3e-4": SamplingConfig(epsilon_cutoff=3e-4, order="hf"),
     "eta 1e-3": SamplingConfig(eta_cutoff=1e-3, order="hf"),
-    "no-repeat-3gram + top-p": SamplingConfig(
-        no_repeat_ngram_size=3, top_p=0.9, order=("no_repeat_ngram", *ORDERS["hf"])
-    ),
+    "no-repeat-3gram + top-p": SamplingConfig(no_repeat_ngram_size=3, top_p=0.9, order="hf"),
 }
 
 
@@ -80,11 +78,11 @@ def real_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hf_processors(config: SamplingConfig) -> LogitsProcessorList:
-    stages = LogitsProcessorList()
-    if config.no_repeat_ngram_size:
-        stages.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    stages = LogitsProcessorList()  # in `_get_logits_processor`'s order (tests/test_stage_orders.py)
     if config.repetition_penalty != 1.0:
         stages.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        stages.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
     if config.temperature != 1.0:
         stages.append(TemperatureLogitsWarper(config.temperature))
     if config.top_k:

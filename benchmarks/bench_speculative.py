@@ -85,6 +85,7 @@ from sampling import SamplingConfig, get_preset
 from sampling.decoding import (
     AutoregressiveDecoder,
     Decoder,
+    GenerateOptions,
     PromptLookupDecoder,
     SelfSpeculativeDecoder,
     SpeculativeDecoder,
@@ -136,7 +137,9 @@ def ours(cell: Cell, decoder: Decoder) -> GenerationPath:
     with ``batch_size=1`` runs them (the measured policy's costs then carry from one prompt to the next)."""
 
     def run(max_new_tokens: int) -> Result:
-        out = decoder.generate(cell.target, cell.prompts, cell.config, max_new_tokens, max_batch_size=1)
+        out = decoder.generate(
+            cell.target, cell.prompts, cell.config, max_new_tokens, GenerateOptions(max_batch_size=1)
+        )
         return Result(out.token_ids, [out.stats], out.decode_seconds)
 
     return run

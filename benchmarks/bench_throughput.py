@@ -54,7 +54,7 @@ from _common import (
 from rtdlm_experiments.models import HFCausalLM, load_model
 from rtdlm_experiments.prompt_sets import load_prompts, stop_strings
 from sampling import PRESETS, SamplingConfig, get_preset
-from sampling.decoding import AutoregressiveDecoder, merge_outputs
+from sampling.decoding import AutoregressiveDecoder, GenerateOptions, merge_outputs
 from sampling.decoding.stopping import StopStrings
 
 GOAL = 1.3
@@ -110,9 +110,14 @@ def refill_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
 
     def run(n: int) -> Result:
         out = decoder.generate(
-            model, job.prompts, job.config, n, row_seeds=job.seeds, ignore_eos=ignore_eos,
-            stop_strings=stops, max_batch_size=size,
-        )  # fmt: skip
+            model,
+            job.prompts,
+            job.config,
+            n,
+            GenerateOptions(
+                row_seeds=job.seeds, ignore_eos=ignore_eos, stop_strings=stops, max_batch_size=size
+            ),
+        )
         return Result(out.token_ids, decode_seconds=out.decode_seconds)
 
     return run
@@ -129,9 +134,7 @@ def static_path(model: HFCausalLM, job: Job, size: int, ignore_eos: bool) -> Gen
                 job.prompts[part],
                 job.config,
                 n,
-                row_seeds=job.seeds[part],
-                ignore_eos=ignore_eos,
-                stop_strings=stops,
+                GenerateOptions(row_seeds=job.seeds[part], ignore_eos=ignore_eos, stop_strings=stops),
             )
             for part in chunks(job, size)
         ]

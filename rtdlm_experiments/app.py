@@ -32,7 +32,7 @@ from rtdlm_experiments.validation import prepare_job as prepare_job
 from rtdlm_experiments.validation import resolved_config as resolved_config
 from rtdlm_experiments.validation import sampling_config as sampling_config
 from sampling.decoding import AutoregressiveDecoder
-from sampling.decoding.base import CausalLM, Decoder, GenerationOutput, Progress
+from sampling.decoding.base import CausalLM, Decoder, GenerateOptions, GenerationOutput, Progress
 from sampling.decoding.stopping import StopStrings, truncate_at_stop
 
 _LABEL_KEYS = ("name",)
@@ -148,10 +148,19 @@ def decode_texts(
     return [truncate_at_stop(text, stop_strings) for text in texts] if stop_strings else texts
 
 
-def generation_options(spec: JobSpec, tokenizer: Any) -> dict[str, Any]:
-    """The ``stop_strings`` / ``ignore_eos`` keywords of ``Decoder.generate`` for this job."""
+def generation_options(
+    spec: JobSpec, tokenizer: Any, rows: Sequence[Row], progress: Progress | None = None
+) -> GenerateOptions:
+    """The options of this job's ``Decoder.generate`` call over ``rows``: their seeds, the job's batch size,
+    stop strings and ``ignore_eos``, and ``progress``."""
     stop_strings = StopStrings.with_tokenizer(spec.stop_strings, tokenizer) if spec.stop_strings else None
-    return {"stop_strings": stop_strings, "ignore_eos": spec.ignore_eos}
+    return GenerateOptions(
+        row_seeds=[row.seed for row in rows],
+        stop_strings=stop_strings,
+        ignore_eos=spec.ignore_eos,
+        max_batch_size=spec.batch_size,
+        progress=progress,
+    )
 
 
 def generate_rows(
@@ -170,10 +179,7 @@ def generate_rows(
         [prompt_ids[row.prompt_index] for row in rows],
         spec.sampling,
         spec.max_new_tokens,
-        row_seeds=[row.seed for row in rows],
-        max_batch_size=spec.batch_size,
-        progress=progress,
-        **generation_options(spec, getattr(model, "tokenizer", None)),
+        generation_options(spec, getattr(model, "tokenizer", None), rows, progress),
     )
 
 
@@ -263,7 +269,9 @@ def _generate_timed(
     """Warm up every decoder, then generate every row with each; adds their seconds to ``timings``."""
     tick = time.perf_counter()
     for warm in decoders.values():
-        warm.generate(model, prompt_ids[:1], spec.sampling, _WARMUP_TOKENS, row_seeds=[rows[0].seed])
+        warm.generate(
+            model, prompt_ids[:1], spec.sampling, _WARMUP_TOKENS, GenerateOptions(row_seeds=[rows[0].seed])
+        )
     timings["warmup_seconds"] = time.perf_counter() - tick
 
     outputs: dict[str, GenerationOutput] = {}

@@ -9,13 +9,15 @@ app's decoder checks), so each rule lives in one place.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import CompactHydraException
 from omegaconf import MISSING, OmegaConf
+
+from sampling.config import sampling_params
 
 OUTPUT_DIR_ENV = "RTDLM_OUTPUT_DIR"
 """Environment variable that overrides where runs, multiruns and the MLflow store are written."""
@@ -75,47 +77,34 @@ def ensure_output_root() -> Path:
     return root
 
 
-@dataclass
-class SamplingSchema:
-    """A preset of `sampling.PRESETS` plus per-field overrides; ``null`` keeps the preset's value.
+def _sampling_schema() -> type:
+    """`SamplingSchema`: a preset of `sampling.PRESETS` plus one optional override per `SamplingConfig`
+    field, generated from the stage records (`sampling.config.sampling_params`), so a new stage's fields
+    reach the command line without an edit here. ``null`` keeps the preset's value; ``seed`` is left out
+    (the job's ``seed`` seeds the sampler)."""
+    overrides = [
+        (param.name, param.schema_type or param.type | None, field(default=None))
+        for param in sampling_params()
+        if param.name not in _NOT_IN_SAMPLING_SCHEMA
+    ]
+    return make_dataclass(
+        "SamplingSchema",
+        [("preset", str, field(default="balanced")), *overrides],
+        namespace={"__doc__": _SAMPLING_SCHEMA_DOC, "__module__": __name__},
+    )
+
+
+_NOT_IN_SAMPLING_SCHEMA = ("seed",)
+_SAMPLING_SCHEMA_DOC = """A preset of `sampling.PRESETS` plus per-field overrides (``null``: keep the preset).
 
     ``repetition_window: null`` and ``dry_penalty_last_n: null`` therefore mean the preset's window (every
     preset uses the whole context). The job's ``seed`` seeds the sampler, so there is no seed here.
     ``order`` is a named order or a list of stages (``sampling.order=[penalties,top_k,temperature]``);
     ``logit_bias`` a ``{token_id: bias}`` mapping (``sampling.logit_bias={50256: -inf}``), typed `Any`
     because OmegaConf cannot merge a mapping into an unset typed dict; `sampling.SamplingConfig` checks
-    both, and every range.
-    """
+    both, and every range. The fields come from the sampling stage records."""
 
-    preset: str = "balanced"
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    repetition_window: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    typical_p: float | None = None
-    epsilon_cutoff: float | None = None
-    eta_cutoff: float | None = None
-    top_n_sigma: float | None = None
-    dynatemp_range: float | None = None
-    dynatemp_exponent: float | None = None
-    xtc_probability: float | None = None
-    xtc_threshold: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_penalty_last_n: int | None = None
-    dry_sequence_breakers: list[int] | None = None
-    no_repeat_ngram_size: int | None = None
-    logit_bias: Any = None
-    mirostat: int | None = None
-    mirostat_tau: float | None = None
-    mirostat_eta: float | None = None
-    do_sample: bool | None = None
-    order: Any = None
+SamplingSchema = _sampling_schema()
 
 
 @dataclass

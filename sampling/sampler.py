@@ -28,10 +28,12 @@ import torch
 
 from sampling import noise
 from sampling.config import SamplingConfig
-from sampling.processors import NEG_INF, mirostat_update
-from sampling.stages.candidates import Candidates, search_candidates, whole_row_candidates
-from sampling.stages.chain import STAGES, ChainContext, split_chain
+from sampling.stages.candidates import Candidates, ChainInputs, search_candidates, whole_row_candidates
+from sampling.stages.chain import split_chain
+from sampling.stages.common import NEG_INF
+from sampling.stages.context import ChainContext
 from sampling.stages.draw import draw, model_logprobs, raw_log_total
+from sampling.stages.filters import mirostat_update
 from sampling.stages.select import greedy, top_candidates
 
 # `Candidates` and `top_candidates` live in `sampling.stages`; re-exported: callers import them from here
@@ -88,7 +90,7 @@ class TokenSampler:
         # per-config constants, read on every call (the config's properties rebuild their tuples)
         self._greedy, self._stateful, self._xtc = config.is_greedy, config.is_stateful, "xtc" in config.stages
         if self._greedy:
-            self._modifiers = tuple(s for s in config.stages if STAGES[s].kind == "modifier")
+            self._modifiers = tuple(s for s in config.stages if config.stage_table[s].kind == "modifier")
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> SamplerState:
         """μ₀ = 2τ per row when mirostat is on, else an empty state."""
@@ -230,15 +232,16 @@ class TokenSampler:
 
     def _candidates(self, modified, history, generated, mu, coin, stats=None) -> Candidates:
         if not self._fast:
-            return whole_row_candidates(self.config, self._rest, modified, history, generated, mu, coin)
-        return search_candidates(self.config, self._rest, modified, mu, coin, stats)
+            inputs = ChainInputs(self.config, self._rest, history, generated, mu, coin)
+            return whole_row_candidates(inputs, modified)
+        return search_candidates(ChainInputs(self.config, self._rest, mu=mu, coin=coin), modified, stats)
 
     def _modify(self, raw, history, generated) -> torch.Tensor:
         """The leading logit modifiers on the whole vocabulary (all modifiers for greedy), checked."""
         stages = self._modifiers
         ctx = ChainContext(self.config, history, generated)
         for name in stages:
-            raw = STAGES[name].apply(raw, ctx)
+            raw = self.config.stage_table[name].apply(raw, ctx)
         return _check_finite_mass(raw)
 
     def _mu(self, state: SamplerState | None, batch: int, device) -> torch.Tensor | None:

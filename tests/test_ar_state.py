@@ -9,20 +9,16 @@ exact joint distribution of short continuations, enumerated with states advanced
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass
-
-import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import sampling.decoding.autoregressive as autoregressive
 from rtdlm_experiments.models import ByteTokenizer, HFCausalLM, build_tiny_random
 from sampling import SamplingConfig, TokenSampler
-from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
+from sampling.decoding import AutoregressiveDecoder, GenerateOptions, GenerationOutput
 from sampling.decoding.stopping import StopStrings
 from sampling.sampler import SamplerState
+from tests.sampling_helpers import PromptSet, assert_same_rows, early_stop_id, joint_p_value, plain_decode
 
 MAX_NEW = 10
 PROMPTS = [
@@ -36,6 +32,7 @@ PROMPTS = [
     [9, 8, 7, 6, 5, 4],
 ]
 SEEDS = [500 + row for row in range(len(PROMPTS))]
+ROWS = PromptSet(PROMPTS, SEEDS, MAX_NEW)
 MIROSTAT = SamplingConfig(mirostat=2, mirostat_tau=3.0, mirostat_eta=0.8, temperature=1.3)
 CONFIGS = {
     "mirostat": MIROSTAT,
@@ -55,106 +52,38 @@ def tiny() -> HFCausalLM:
     return HFCausalLM(build_tiny_random(num_layers=2, vocab_size=256, seed=3), ByteTokenizer())
 
 
-def generate(model, prompts, config, seeds, **kwargs) -> GenerationOutput:
-    return AutoregressiveDecoder().generate(model, prompts, config, MAX_NEW, row_seeds=seeds, **kwargs)
-
-
-def one_by_one(model, config, **kwargs) -> GenerationOutput:
-    rows = zip(PROMPTS, SEEDS, strict=True)
-    return merge_outputs([generate(model, [prompt], config, [seed], **kwargs) for prompt, seed in rows])
-
-
-def static_chunks(model, config, size: int, **kwargs) -> GenerationOutput:
-    chunks = range(0, len(PROMPTS), size)
-    return merge_outputs(
-        [generate(model, PROMPTS[s : s + size], config, SEEDS[s : s + size], **kwargs) for s in chunks]
-    )
-
-
-@dataclass
-class Reference:
-    tokens: list[int]
-    mus: list[float]
-    """μ before each draw (empty without mirostat)."""
-
-
-def plain_decode(
-    model, prompt: list[int], config, seed: int, stops=frozenset(), *, thread_state: bool = True
-) -> Reference:
-    """The rule written out: the whole sequence through the model each step (no cache), one draw keyed by
-    (seed, tokens drawn so far) from the row's state, which is the state ``sample`` returned last time
-    (``thread_state=False``: every draw from the initial state, the bug the decoder must not have)."""
-    sampler, drawn, mus = TokenSampler(config), [], []
-    state = sampler.initial_state(1)
-    while len(drawn) < MAX_NEW:
-        sequence = torch.tensor([prompt + drawn])
-        logits = model.forward(sequence, model.new_cache())[:, -1]
-        if state.mu is not None:
-            mus.append(float(state.mu[0]))
-        out = sampler.sample(
-            logits,
-            sequence,
-            row_seeds=torch.tensor([seed]),
-            step=len(drawn),
-            generated=torch.tensor([drawn], dtype=torch.long),
-            state=state,
-        )
-        state = out.state if thread_state else sampler.initial_state(1)
-        token = int(out.tokens[0])
-        if token in stops:
-            break
-        drawn.append(token)
-    return Reference(drawn, mus)
-
-
-def early_stop_id(free: list[list[int]]) -> int:
-    """A token some rows emit (not all), so it ends some rows early while others run to their budget."""
-    rows_with = Counter(token for row in free for token in set(row[1:]))
-    candidates = [t for t, n in rows_with.most_common() if 2 <= n <= len(free) - 2]
-    assert candidates, "the tiny model's free run has no token to stop some rows early"
-    return candidates[0]
-
-
-def assert_same_rows(got: GenerationOutput, want: GenerationOutput) -> None:
-    assert got.token_ids == want.token_ids
-    assert got.finished_by_stop == want.finished_by_stop
-    assert got.num_kept == want.num_kept
-    for got_row, want_row in zip(got.entropies, want.entropies, strict=True):
-        assert got_row == pytest.approx(want_row, abs=1e-4)
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tiny) -> tuple[SamplingConfig, int, GenerationOutput]:
     """A config, a stop id that ends some rows early, and one-by-one decoding, checked against the rule."""
     config = CONFIGS[request.param]
-    free = one_by_one(tiny, config, ignore_eos=True).token_ids
+    free = ROWS.one_by_one(tiny, config, ignore_eos=True).token_ids
     stop = early_stop_id(free)
-    reference = one_by_one(tiny, config, stop_ids=[stop])
+    reference = ROWS.one_by_one(tiny, config, stop_ids=[stop])
     lengths = [len(row) for row in reference.token_ids]
     assert sum(reference.finished_by_stop) >= 2 and MAX_NEW in lengths
     for prompt, seed, tokens in zip(PROMPTS, SEEDS, reference.token_ids, strict=True):
-        assert tokens == plain_decode(tiny, prompt, config, seed, {stop, *tiny.eos_token_ids}).tokens
+        assert tokens == plain_decode(tiny, prompt, config, seed, MAX_NEW, {stop, *tiny.eos_token_ids}).tokens
     return config, stop, reference
 
 
 @pytest.mark.parametrize("max_batch_size", [1, 3, 5, None])
 def test_refill_static_and_one_by_one_give_the_tokens_of_the_rule(tiny, case, max_batch_size):
     config, stop, reference = case
-    refill = generate(tiny, PROMPTS, config, SEEDS, stop_ids=[stop], max_batch_size=max_batch_size)
+    refill = ROWS.generate(tiny, config, stop_ids=[stop], max_batch_size=max_batch_size)
     assert_same_rows(refill, reference)
     size = max_batch_size or len(PROMPTS)
-    assert_same_rows(static_chunks(tiny, config, size, stop_ids=[stop]), reference)
+    assert_same_rows(ROWS.static_chunks(tiny, config, size, stop_ids=[stop]), reference)
 
 
 def test_stop_strings_with_state(tiny):
     """Rows ended by a stop string leave the batch with their state; the others keep theirs."""
     config = CONFIGS["mirostat+dry+xtc+typical"]
-    free = one_by_one(tiny, config, ignore_eos=True).token_ids
+    free = ROWS.one_by_one(tiny, config, ignore_eos=True).token_ids
     row = next(r for r, tokens in enumerate(free) if all(32 <= t < 127 for t in tokens[3:5]))
     stops = StopStrings((bytes(free[row][3:5]).decode(),), ByteTokenizer().decode)
-    out = generate(tiny, PROMPTS, config, SEEDS, ignore_eos=True, stop_strings=stops, max_batch_size=3)
+    out = ROWS.generate(tiny, config, ignore_eos=True, stop_strings=stops, max_batch_size=3)
     assert out.finished_by_stop[row] and len(out.token_ids[row]) <= 5
-    assert_same_rows(out, one_by_one(tiny, config, ignore_eos=True, stop_strings=stops))
+    assert_same_rows(out, ROWS.one_by_one(tiny, config, ignore_eos=True, stop_strings=stops))
 
 
 @pytest.mark.parametrize("name", ["mirostat", "mirostat+dry+xtc+typical"])
@@ -162,16 +91,19 @@ def test_mu_evolves_per_row_and_threading_it_changes_the_tokens(tiny, name):
     """μ moves away from 2τ differently in each row, and decoding from μ₀ at every step gives other
     tokens: so the equality tests above would catch a decoder that drops the state."""
     config = CONFIGS[name]
-    refs = [plain_decode(tiny, p, config, s, thread_state=True) for p, s in zip(PROMPTS, SEEDS, strict=True)]
+    refs = [
+        plain_decode(tiny, p, config, s, MAX_NEW, thread_state=True)
+        for p, s in zip(PROMPTS, SEEDS, strict=True)
+    ]
     assert all(ref.mus[0] == 2 * config.mirostat_tau for ref in refs)
     assert all(len(set(ref.mus)) > 3 for ref in refs)
     assert len({tuple(ref.mus) for ref in refs}) == len(PROMPTS)
     stateless = [
-        plain_decode(tiny, p, config, s, thread_state=False).tokens
+        plain_decode(tiny, p, config, s, MAX_NEW, thread_state=False).tokens
         for p, s in zip(PROMPTS, SEEDS, strict=True)
     ]
     assert sum(ref.tokens != tokens for ref, tokens in zip(refs, stateless, strict=True)) >= 2
-    out = generate(tiny, PROMPTS, config, SEEDS, ignore_eos=True, max_batch_size=3)
+    out = ROWS.generate(tiny, config, ignore_eos=True, max_batch_size=3)
     assert out.token_ids == [ref.tokens for ref in refs]
 
 
@@ -215,24 +147,13 @@ def exact_joint(model: HFCausalLM, config: SamplingConfig, *, update_mu: bool = 
     return {cell: p for cell, (p, _) in joint.items()}
 
 
-def joint_p_value(samples: list[list[int]], joint: dict[tuple[int, ...], float]) -> float:
-    counts = Counter(tuple(s) for s in samples)
-    if not set(counts) <= set(joint):
-        return 0.0  # a continuation with zero probability was produced
-    cells = sorted(joint, key=joint.get, reverse=True)
-    expected = np.array([joint[c] for c in cells]) * len(samples)
-    observed = np.array([counts.get(c, 0) for c in cells], dtype=float)
-    big = expected >= 5  # pool rare cells so the chi-square approximation holds
-    if not big.all():
-        expected = np.append(expected[big], expected[~big].sum())
-        observed = np.append(observed[big], observed[~big].sum())
-    expected *= observed.sum() / expected.sum()
-    return float(chisquare(observed, expected).pvalue)
-
-
 def sample_continuations(model: HFCausalLM) -> list[list[int]]:
     out = AutoregressiveDecoder().generate(
-        model, [PROMPT] * DRAWS, CHI_CONFIG, LENGTH, row_seeds=range(DRAWS), max_batch_size=DRAWS // 3
+        model,
+        [PROMPT] * DRAWS,
+        CHI_CONFIG,
+        LENGTH,
+        GenerateOptions(row_seeds=range(DRAWS), max_batch_size=DRAWS // 3),
     )
     assert all(len(tokens) == LENGTH for tokens in out.token_ids)
     return out.token_ids

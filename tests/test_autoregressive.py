@@ -7,7 +7,7 @@ import torch
 
 from rtdlm_experiments.models import HFCausalLM, build_tiny_random
 from sampling import SamplingConfig, get_preset
-from sampling.decoding import AutoregressiveDecoder
+from sampling.decoding import AutoregressiveDecoder, GenerateOptions
 
 PROMPTS = [[5, 17, 33, 2, 90], [7], [100, 101, 102, 103, 104, 105, 106, 107, 9], [42, 42]]
 
@@ -35,7 +35,9 @@ def test_greedy_matches_hf_generate(tiny):
     decoder = AutoregressiveDecoder()
     greedy = get_preset("deterministic")
     for prompt in PROMPTS:
-        ours = decoder.generate(tiny, [prompt], greedy, max_new_tokens=12, stop_ids=()).token_ids[0]
+        ours = decoder.generate(
+            tiny, [prompt], greedy, max_new_tokens=12, options=GenerateOptions(stop_ids=())
+        ).token_ids[0]
         # tiny-random's EOS is 0: compare up to where we stopped
         want = hf_greedy(tiny, prompt, 12)
         assert ours == want[: len(ours)]
@@ -45,9 +47,13 @@ def test_greedy_matches_hf_generate(tiny):
 def test_batched_equals_one_by_one(tiny):
     decoder = AutoregressiveDecoder()
     for config in (get_preset("deterministic"), get_preset("creative", seed=3)):
-        batched = decoder.generate(tiny, PROMPTS, config, max_new_tokens=10, row_seeds=[11, 12, 13, 14])
+        batched = decoder.generate(
+            tiny, PROMPTS, config, max_new_tokens=10, options=GenerateOptions(row_seeds=[11, 12, 13, 14])
+        )
         for row, prompt in enumerate(PROMPTS):
-            alone = decoder.generate(tiny, [prompt], config, max_new_tokens=10, row_seeds=[11 + row])
+            alone = decoder.generate(
+                tiny, [prompt], config, max_new_tokens=10, options=GenerateOptions(row_seeds=[11 + row])
+            )
             assert alone.token_ids[0] == batched.token_ids[row]
             assert alone.model_logprobs[0] == pytest.approx(batched.model_logprobs[row], abs=1e-4)
 
@@ -67,13 +73,15 @@ def test_stop_tokens_end_rows_independently(tiny):
     greedy = get_preset("deterministic")
     free = decoder.generate(tiny, PROMPTS, greedy, max_new_tokens=8).token_ids
     stop = free[2][3]
-    out = decoder.generate(tiny, PROMPTS, greedy, max_new_tokens=8, stop_ids=[stop])
+    out = decoder.generate(tiny, PROMPTS, greedy, max_new_tokens=8, options=GenerateOptions(stop_ids=[stop]))
     for row, tokens in enumerate(free):
         expected = tokens[: tokens.index(stop)] if stop in tokens else tokens
         assert out.token_ids[row] == expected
         assert out.finished_by_stop[row] == (stop in tokens)
         assert len(out.model_logprobs[row]) == len(out.token_ids[row]) == len(out.entropies[row])
-    kept = AutoregressiveDecoder(keep_stop_token=True).generate(tiny, PROMPTS, greedy, 8, stop_ids=[stop])
+    kept = AutoregressiveDecoder(keep_stop_token=True).generate(
+        tiny, PROMPTS, greedy, 8, GenerateOptions(stop_ids=[stop])
+    )
     assert kept.token_ids[2] == free[2][:4]
 
 

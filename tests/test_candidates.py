@@ -10,7 +10,8 @@ import torch
 from sampling import SamplingConfig, TokenSampler
 from sampling.stages import candidates
 from sampling.stages.candidates import THRESHOLD_CHUNKS, next_width_after, top_p_reachable
-from sampling.stages.chain import ChainContext, first_threshold, split_chain
+from sampling.stages.chain import first_threshold, split_chain
+from sampling.stages.context import ChainContext
 from sampling.stages.select import candidates_above, top_candidates
 from tests.stage_reference import ref_chain, ref_distribution
 

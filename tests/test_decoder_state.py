@@ -18,6 +18,7 @@ from sampling import SamplingConfig, get_preset
 from sampling.decoding import (
     AutoregressiveDecoder,
     EarlyExitLM,
+    GenerateOptions,
     PromptLookupDecoder,
     SelfSpeculativeDecoder,
     SpeculativeDecoder,
@@ -106,7 +107,9 @@ def run_interleaved(decoder: Any, target: HFCausalLM, config: SamplingConfig, tu
     def work(name: str) -> None:
         prompts, max_new_tokens, seeds = CALLS[name]
         try:
-            results[name] = decoder.generate(model, prompts, config, max_new_tokens, row_seeds=seeds)
+            results[name] = decoder.generate(
+                model, prompts, config, max_new_tokens, GenerateOptions(row_seeds=seeds)
+            )
         except BaseException as error:  # re-raised in the main thread
             errors.append(error)
         finally:
@@ -140,7 +143,7 @@ def test_interleaved_calls_equal_sequential_calls(target, draft, decoder_name, c
     turnstile = Turnstile(list(CALLS))
     decoder = make_decoders(draft, turnstile)[decoder_name]
     alone = {
-        name: decoder.generate(target, prompts, config, max_new_tokens, row_seeds=seeds)
+        name: decoder.generate(target, prompts, config, max_new_tokens, GenerateOptions(row_seeds=seeds))
         for name, (prompts, max_new_tokens, seeds) in CALLS.items()
     }
     together = run_interleaved(decoder, target, config, turnstile)

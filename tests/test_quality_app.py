@@ -132,11 +132,14 @@ def test_stop_strings_cut_the_texts_and_reach_the_decoder(default_job):
     spec, _ = default_job
     from rtdlm_experiments.models import ByteTokenizer
 
-    assert app.generation_options(spec, ByteTokenizer()) == {"stop_strings": None, "ignore_eos": False}
+    plain = app.generation_options(spec, ByteTokenizer(), [])
+    assert (
+        plain.stop_strings is None and plain.ignore_eos is False and plain.max_batch_size == spec.batch_size
+    )
     stopping = app.JobSpec(**{**spec.__dict__, "stop_strings": ("b",), "ignore_eos": True})
-    options = app.generation_options(stopping, ByteTokenizer())
-    assert options["ignore_eos"] is True and options["stop_strings"].strings == ("b",)
-    assert options["stop_strings"].detokenize([97, 98]) == "ab"
+    options = app.generation_options(stopping, ByteTokenizer(), [])
+    assert options.ignore_eos is True and options.stop_strings.strings == ("b",)
+    assert options.stop_strings.detokenize([97, 98]) == "ab"
     assert app.decode_texts(ByteTokenizer(), [[97, 98, 99], [99]], ("b",)) == ["a", "c"]
     cfg = compose_config("prompts=humaneval", "prompts.chat_template=false", "eval.allow_code_execution=true")
     assert "\ndef " in app.prepare_job(cfg).stop_strings

@@ -4,16 +4,15 @@ one-by-one decoding, whatever the schedule; a bounded cache; stop strings, ignor
 from __future__ import annotations
 
 import inspect
-from collections import Counter
 from typing import Any
 
 import pytest
-import torch
 
 from rtdlm_experiments.models import ByteTokenizer, HFCausalLM, build_tiny_random
-from sampling import SamplingConfig, TokenSampler, get_preset
-from sampling.decoding import AutoregressiveDecoder, Decoder, GenerationOutput, merge_outputs
+from sampling import SamplingConfig, get_preset
+from sampling.decoding import AutoregressiveDecoder, Decoder, DraftVerifyDecoder, GenerationOutput
 from sampling.decoding.stopping import StopStrings
+from tests.sampling_helpers import PromptSet, assert_same_rows, early_stop_id, plain_decode
 
 MAX_NEW = 12
 PROMPTS = [
@@ -30,6 +29,7 @@ PROMPTS = [
 ]
 """Ten rows of varied prompt lengths (1 to 19 tokens)."""
 SEEDS = [1000 + row for row in range(len(PROMPTS))]
+ROWS = PromptSet(PROMPTS, SEEDS, MAX_NEW)
 CONFIGS = {
     "greedy": get_preset("deterministic"),
     "sampled": SamplingConfig(
@@ -77,78 +77,18 @@ def tiny() -> HFCausalLM:
     return HFCausalLM(build_tiny_random(num_layers=2, vocab_size=256, seed=3), ByteTokenizer())
 
 
-def generate(model, prompts, config, seeds, **kwargs) -> GenerationOutput:
-    return AutoregressiveDecoder().generate(model, prompts, config, MAX_NEW, row_seeds=seeds, **kwargs)
-
-
-def one_by_one(model, config, **kwargs) -> GenerationOutput:
-    return merge_outputs(
-        [
-            generate(model, [prompt], config, [seed], **kwargs)
-            for prompt, seed in zip(PROMPTS, SEEDS, strict=True)
-        ]
-    )
-
-
-def static_chunks(model, config, size: int, **kwargs) -> GenerationOutput:
-    chunks = range(0, len(PROMPTS), size)
-    return merge_outputs(
-        [generate(model, PROMPTS[s : s + size], config, SEEDS[s : s + size], **kwargs) for s in chunks]
-    )
-
-
-def plain_decode(model, prompt: list[int], config, seed: int, stops=frozenset()) -> list[int]:
-    """The rule written out: the whole sequence through the model each step (no cache), one draw keyed by
-    (seed, number of tokens drawn so far), penalties over the prompt + drawn tokens / the drawn tokens."""
-    sampler, drawn = TokenSampler(config), []
-    while len(drawn) < MAX_NEW:
-        sequence = torch.tensor([prompt + drawn])
-        logits = model.forward(sequence, model.new_cache())[:, -1]
-        generated = torch.tensor([drawn], dtype=torch.long)
-        token = int(
-            sampler.sample(
-                logits, sequence, row_seeds=torch.tensor([seed]), step=len(drawn), generated=generated
-            ).tokens[0]
-        )
-        if token in stops:
-            break
-        drawn.append(token)
-    return drawn
-
-
-def early_stop_id(free: list[list[int]]) -> int:
-    """A token the model emits in some rows but not all, at varied positions: a stop id that ends some rows
-    early and leaves others to run to their budget."""
-    rows_with = Counter(token for row in free for token in set(row[1:]))
-    candidates = [t for t, n in rows_with.most_common() if 2 <= n <= len(free) - 2]
-    assert candidates, "the tiny model's free run has no token to stop some rows early"
-    return candidates[0]
-
-
-def assert_same_rows(got: GenerationOutput, want: GenerationOutput) -> None:
-    assert got.token_ids == want.token_ids
-    assert got.finished_by_stop == want.finished_by_stop
-    for field in ("model_logprobs", "entropies"):
-        for got_row, want_row, ids in zip(
-            getattr(got, field), getattr(want, field), got.token_ids, strict=True
-        ):
-            assert len(got_row) == len(ids)
-            assert got_row == pytest.approx(want_row, abs=1e-4)
-    assert got.num_kept == want.num_kept
-
-
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def case(request, tiny) -> tuple[SamplingConfig, int, GenerationOutput]:
     """A config, a stop id that ends some rows early for it, and one-by-one decoding as the reference."""
     config = CONFIGS[request.param]
-    free = one_by_one(tiny, config, ignore_eos=True).token_ids
+    free = ROWS.one_by_one(tiny, config, ignore_eos=True).token_ids
     stop = early_stop_id(free)
-    reference = one_by_one(tiny, config, stop_ids=[stop])
+    reference = ROWS.one_by_one(tiny, config, stop_ids=[stop])
     lengths = [len(row) for row in reference.token_ids]
     assert sum(reference.finished_by_stop) >= 2 and min(lengths) < MAX_NEW and MAX_NEW in lengths
     assert len(set(lengths)) >= 3
     for prompt, seed, tokens in zip(PROMPTS, SEEDS, reference.token_ids, strict=True):
-        assert tokens == plain_decode(tiny, prompt, config, seed, {stop, *tiny.eos_token_ids})
+        assert tokens == plain_decode(tiny, prompt, config, seed, MAX_NEW, {stop, *tiny.eos_token_ids}).tokens
     return config, stop, reference
 
 
@@ -156,9 +96,11 @@ def case(request, tiny) -> tuple[SamplingConfig, int, GenerationOutput]:
 def test_refill_equals_one_by_one_and_static_batches(tiny, case, max_batch_size):
     config, stop, reference = case
     model = Recording(tiny)
-    refill = generate(model, PROMPTS, config, SEEDS, stop_ids=[stop], max_batch_size=max_batch_size)
+    refill = ROWS.generate(model, config, stop_ids=[stop], max_batch_size=max_batch_size)
     assert_same_rows(refill, reference)
-    assert_same_rows(static_chunks(tiny, config, max_batch_size or len(PROMPTS), stop_ids=[stop]), reference)
+    assert_same_rows(
+        ROWS.static_chunks(tiny, config, max_batch_size or len(PROMPTS), stop_ids=[stop]), reference
+    )
     assert refill.target_forwards == len(model.forwards)
     assert max(rows for rows, _, _ in model.forwards) <= (max_batch_size or len(PROMPTS))
 
@@ -166,7 +108,7 @@ def test_refill_equals_one_by_one_and_static_batches(tiny, case, max_batch_size)
 def test_refill_admits_rows_while_others_are_in_flight_and_reclaims_the_cache(tiny, case):
     config, stop, reference = case
     model = Recording(tiny)
-    generate(model, PROMPTS, config, SEEDS, stop_ids=[stop], max_batch_size=3)
+    ROWS.generate(model, config, stop_ids=[stop], max_batch_size=3)
     forwards = model.forwards
     prefills = [i for i, (_, _, cached) in enumerate(forwards) if cached == 0]
     assert sum(forwards[i][0] for i in prefills) == len(PROMPTS)
@@ -188,7 +130,7 @@ def test_refill_admits_rows_while_others_are_in_flight_and_reclaims_the_cache(ti
 def test_a_cache_that_cannot_be_edited_falls_back_to_static_batches(tiny, case):
     config, stop, reference = case
     model = OpaqueCacheModel(tiny)
-    out = generate(model, PROMPTS, config, SEEDS, stop_ids=[stop], max_batch_size=3)
+    out = ROWS.generate(model, config, stop_ids=[stop], max_batch_size=3)
     assert_same_rows(out, reference)
     prefill_rows = [rows for rows, _, cached in model.forwards if cached == 0]
     assert prefill_rows == [3, 3, 3, 1]
@@ -196,7 +138,7 @@ def test_a_cache_that_cannot_be_edited_falls_back_to_static_batches(tiny, case):
 
 def test_stop_string_split_across_tokens_ends_the_row_on_the_completing_token(tiny):
     config = CONFIGS["sampled"]
-    free = one_by_one(tiny, config, ignore_eos=True).token_ids
+    free = ROWS.one_by_one(tiny, config, ignore_eos=True).token_ids
     row, start = next(
         (r, k)
         for r, tokens in enumerate(free)
@@ -206,28 +148,28 @@ def test_stop_string_split_across_tokens_ends_the_row_on_the_completing_token(ti
     stop = bytes(free[row][start : start + 2]).decode()
     tokenizer = ByteTokenizer()
     stops = StopStrings((stop,), tokenizer.decode)
-    out = generate(tiny, PROMPTS, config, SEEDS, ignore_eos=True, stop_strings=stops, max_batch_size=3)
+    out = ROWS.generate(tiny, config, ignore_eos=True, stop_strings=stops, max_batch_size=3)
     for r, tokens in enumerate(free):
         completing = [j for j in range(len(tokens)) if stop in tokenizer.decode(tokens[: j + 1])]
         expected = tokens[: completing[0] + 1] if completing else tokens
         assert out.token_ids[r] == expected
         assert out.finished_by_stop[r] == bool(completing)
     assert len(out.token_ids[row]) <= start + 2 and out.finished_by_stop[row]
-    alone = one_by_one(tiny, config, ignore_eos=True, stop_strings=stops)
+    alone = ROWS.one_by_one(tiny, config, ignore_eos=True, stop_strings=stops)
     assert_same_rows(out, alone)
 
 
 def test_ignore_eos_gives_exactly_max_new_tokens_and_stop_ids_still_stop(tiny):
     config = CONFIGS["greedy"]
-    free = one_by_one(tiny, config, ignore_eos=True).token_ids
+    free = ROWS.one_by_one(tiny, config, ignore_eos=True).token_ids
     eos = early_stop_id(free)
     with_eos = HFCausalLM(tiny.model, tiny.tokenizer, eos_token_ids=(eos,))
-    stopped = generate(with_eos, PROMPTS, config, SEEDS, max_batch_size=4)
+    stopped = ROWS.generate(with_eos, config, max_batch_size=4)
     assert any(len(row) < MAX_NEW for row in stopped.token_ids)
-    ignored = generate(with_eos, PROMPTS, config, SEEDS, ignore_eos=True, max_batch_size=4)
+    ignored = ROWS.generate(with_eos, config, ignore_eos=True, max_batch_size=4)
     assert ignored.token_ids == free
     assert all(len(row) == MAX_NEW for row in ignored.token_ids) and not any(ignored.finished_by_stop)
-    explicit = generate(with_eos, PROMPTS, config, SEEDS, stop_ids=[eos], ignore_eos=True, max_batch_size=4)
+    explicit = ROWS.generate(with_eos, config, stop_ids=[eos], ignore_eos=True, max_batch_size=4)
     assert explicit.token_ids == stopped.token_ids
 
 
@@ -235,11 +177,9 @@ def test_ignore_eos_gives_exactly_max_new_tokens_and_stop_ids_still_stop(tiny):
 def test_progress_counts_new_tokens_and_released_budget(tiny, case, max_batch_size):
     config, stop, reference = case
     calls: list[tuple[int, int]] = []
-    out = generate(
+    out = ROWS.generate(
         tiny,
-        PROMPTS,
         config,
-        SEEDS,
         stop_ids=[stop],
         max_batch_size=max_batch_size,
         progress=lambda new, released: calls.append((new, released)),
@@ -253,7 +193,7 @@ def test_progress_counts_new_tokens_and_released_budget(tiny, case, max_batch_si
 def test_timings_and_counters_cover_refills(tiny, case):
     config, stop, _ = case
     model = Recording(tiny)
-    out = generate(model, PROMPTS, config, SEEDS, stop_ids=[stop], max_batch_size=3)
+    out = ROWS.generate(model, config, stop_ids=[stop], max_batch_size=3)
     prefills = sum(1 for _, _, cached in model.forwards if cached == 0)
     assert out.target_forwards == len(model.forwards)
     decoding_forwards = len(model.forwards) - prefills
@@ -263,11 +203,12 @@ def test_timings_and_counters_cover_refills(tiny, case):
 
 def test_invalid_max_batch_size(tiny):
     with pytest.raises(ValueError, match="max_batch_size"):
-        generate(tiny, PROMPTS, CONFIGS["greedy"], SEEDS, max_batch_size=0)
+        ROWS.generate(tiny, CONFIGS["greedy"], max_batch_size=0)
 
 
-def test_the_decoder_has_the_protocol_signature():
-    ours = inspect.signature(AutoregressiveDecoder.generate).parameters
+@pytest.mark.parametrize("decoder", [AutoregressiveDecoder, DraftVerifyDecoder])
+def test_the_decoders_have_the_protocol_signature(decoder):
+    ours = inspect.signature(decoder.generate).parameters
     protocol = inspect.signature(Decoder.generate).parameters
     assert [(p.name, p.kind, p.default) for p in ours.values()] == [
         (p.name, p.kind, p.default) for p in protocol.values()

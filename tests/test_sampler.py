@@ -9,11 +9,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.stats import chisquare
 
 from sampling import ORDERS, PRESETS, SamplingConfig, TokenSampler, get_preset, noise
-from sampling.processors import apply_penalties, top_p_filter
 from sampling.sampler import top_candidates
+from sampling.stages.classic import top_p_filter
+from sampling.stages.history import apply_penalties
+from tests.sampling_helpers import STAT_LOGITS, chi_square_p
 
 # ---------------------------------------------------------------------------------------------------
 # Reference: one row at a time, float64, per-token definitions, no sorting tricks.
@@ -84,6 +85,9 @@ def adversarial_rows() -> list[list[float]]:
     ]
 
 
+CLASSIC_ORDERS = sorted(name for name, order in ORDERS.items() if {"top_k", "top_p", "min_p"} <= set(order))
+"""The named orders that hold the classic filters (llama.cpp's mirostat chain holds none of them)."""
+
 CONFIGS = [
     SamplingConfig(),
     SamplingConfig(temperature=0.7, top_k=3),
@@ -99,7 +103,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize("order", CLASSIC_ORDERS)
 @pytest.mark.parametrize(
     "config", CONFIGS, ids=lambda c: f"T{c.temperature}-k{c.top_k}-p{c.top_p}-m{c.min_p}"
 )
@@ -113,7 +117,7 @@ def test_distribution_matches_reference_on_adversarial_rows(config, order):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("order", sorted(ORDERS))
+@pytest.mark.parametrize("order", CLASSIC_ORDERS)
 @pytest.mark.parametrize("vocab", [3, 50, 5000])
 def test_distribution_matches_reference_on_random_logits(order, vocab):
     gen = torch.Generator().manual_seed(vocab)
@@ -213,18 +217,6 @@ def test_three_dimensional_logits_use_the_last_position():
 # Statistical: draws follow distribution(), and the test has the power to reject a wrong sampler.
 
 
-def _chi_square_p(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    counts = torch.bincount(tokens, minlength=probs.numel()).double().numpy()
-    expected = probs.double().numpy() * counts.sum()
-    support = expected > 0
-    assert counts[~support].sum() == 0, "drew a token with zero probability"
-    expected = expected[support] * counts.sum() / expected[support].sum()
-    return float(chisquare(counts[support], expected).pvalue)
-
-
-STAT_LOGITS = torch.tensor([1.6, 1.2, 1.0, 1.0, 0.7, 0.2, -0.5, -1.0, -2.0, float("-inf")])
-
-
 @pytest.mark.parametrize(
     "config",
     [
@@ -240,7 +232,7 @@ def test_samples_follow_distribution_chi_square(config):
     sampler = TokenSampler(config)
     logits = STAT_LOGITS.expand(draws, -1)
     tokens = sampler.sample(logits, row_seeds=torch.arange(draws), step=7).tokens
-    assert _chi_square_p(tokens, sampler.distribution(STAT_LOGITS[None])[0]) > 1e-3
+    assert chi_square_p(tokens, sampler.distribution(STAT_LOGITS[None])[0]) > 1e-3
 
 
 def test_chi_square_rejects_top_p_that_drops_the_crossing_token():
@@ -253,13 +245,12 @@ def test_chi_square_rejects_top_p_that_drops_the_crossing_token():
     ).squeeze(1)
     right = TokenSampler(config).distribution(STAT_LOGITS[None])[0]
     assert (
-        _chi_square_p(broken_tokens, torch.softmax(dropping_crossing_token_top_p(STAT_LOGITS, 0.8), -1))
-        > 1e-3
+        chi_square_p(broken_tokens, torch.softmax(dropping_crossing_token_top_p(STAT_LOGITS, 0.8), -1)) > 1e-3
     )
     with pytest.raises(AssertionError, match="zero probability"):
-        _chi_square_p(torch.multinomial(right.expand(draws, -1), 1, replacement=True).squeeze(1), broken[0])
+        chi_square_p(torch.multinomial(right.expand(draws, -1), 1, replacement=True).squeeze(1), broken[0])
     # and on the right support, the wrong sampler's frequencies are rejected outright
-    assert _chi_square_p(broken_tokens, right) < 1e-3
+    assert chi_square_p(broken_tokens, right) < 1e-3
 
 
 def test_fast_top_p_differs_from_the_broken_rule():
@@ -397,7 +388,7 @@ logit_rows = st.lists(st.floats(-20, 20, allow_nan=False).map(lambda x: round(x,
     st.integers(0, 10),
     st.floats(0.05, 1.0),
     st.floats(0.0, 0.9),
-    st.sampled_from(sorted(ORDERS)),
+    st.sampled_from(CLASSIC_ORDERS),
 )
 def test_probs_sum_to_one_and_match_reference(row, temperature, top_k, top_p, min_p, order):
     config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, order=order)

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 
-import numpy as np
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import sampling.decoding.draft_verify as draft_verify
 from rtdlm_experiments.models import HFCausalLM, build_tiny_random
 from sampling import SamplingConfig, TokenSampler, get_preset
 from sampling.decoding import (
     AutoregressiveDecoder,
+    GenerateOptions,
     PromptLookupDecoder,
     SelfSpeculativeDecoder,
     SpeculativeDecoder,
@@ -25,6 +23,7 @@ from sampling.decoding.draft_verify import Drafts
 from sampling.decoding.prompt_lookup import lookup_draft
 from sampling.decoding.speculation_policy import HeuristicPolicy
 from sampling.decoding.stopping import StopStrings
+from tests.sampling_helpers import joint_p_value, perturbed_draft, repeating_prompt, small_target
 
 VOCAB = 16
 PROMPT = [3, 7, 3, 9]
@@ -34,30 +33,17 @@ LENGTH = 3
 
 @pytest.fixture(scope="module")
 def target(test_device) -> HFCausalLM:
-    model = build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1).to(test_device)
-    return HFCausalLM(model, eos_token_ids=())
+    return small_target(test_device, VOCAB)
 
 
 @pytest.fixture(scope="module")
 def draft(target) -> HFCausalLM:
-    """The target with a perturbed LM head: close enough to accept often, different enough to reject."""
-    model = copy.deepcopy(target.model)
-    with torch.no_grad():
-        model.lm_head.weight.add_(
-            torch.randn(model.lm_head.weight.shape, generator=torch.Generator().manual_seed(2)).to(
-                model.lm_head.weight.device
-            )
-        )
-    return HFCausalLM(model, eos_token_ids=())
+    return perturbed_draft(target)
 
 
 @pytest.fixture(scope="module")
 def prompt(target) -> list[int]:
-    """A prompt that repeats itself after the target's greedy continuation, so n-gram lookup drafts
-    tokens the target likes (a prompt-lookup test that never accepts would prove nothing)."""
-    base = [3, 7]
-    greedy = AutoregressiveDecoder().generate(target, [base], get_preset("deterministic"), 4).token_ids[0]
-    return base + greedy + base
+    return repeating_prompt(target)
 
 
 def exact_joint(
@@ -82,22 +68,6 @@ def exact_joint(
     return joint
 
 
-def joint_p_value(samples: list[list[int]], joint: dict[tuple[int, ...], float]) -> float:
-    counts: dict[tuple[int, ...], int] = {}
-    for s in samples:
-        counts[tuple(s)] = counts.get(tuple(s), 0) + 1
-    assert set(counts) <= set(joint), "a continuation with zero probability was produced"
-    cells = sorted(joint, key=joint.get, reverse=True)
-    expected = np.array([joint[c] for c in cells]) * len(samples)
-    observed = np.array([counts.get(c, 0) for c in cells], dtype=float)
-    big = expected >= 5  # pool rare cells so the chi-square approximation holds
-    if not big.all():
-        expected = np.append(expected[big], expected[~big].sum())
-        observed = np.append(observed[big], observed[~big].sum())
-    expected *= observed.sum() / expected.sum()
-    return float(chisquare(observed, expected).pvalue)
-
-
 CONFIGS = {
     "plain": SamplingConfig(),
     "top-k/top-p": SamplingConfig(temperature=0.8, top_k=6, top_p=0.85),
@@ -119,7 +89,7 @@ def decoders(draft: HFCausalLM, gamma: int = 2, policy: str = "constant") -> dic
 def test_lossless_joint_distribution(target, draft, prompt, decoder_name, config_name):
     config = CONFIGS[config_name]
     decoder = decoders(draft)[decoder_name]
-    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH, row_seeds=range(DRAWS))
+    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH, GenerateOptions(row_seeds=range(DRAWS)))
     assert all(len(t) == LENGTH for t in out.token_ids)
     assert out.stats["accepted_tokens"] > 0, "the test must exercise acceptances"
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"], "and rejections"
@@ -131,7 +101,9 @@ def test_lossless_when_unsure_drafts_end_the_round(target, draft, prompt):
     """Rows stop drafting at different positions, chosen from the draft's side only: still exact."""
     config = CONFIGS["top-k/top-p"]
     decoder = SpeculativeDecoder(draft, num_draft_tokens=3, min_confidence=0.35)
-    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH + 1, row_seeds=range(DRAWS))
+    out = decoder.generate(
+        target, [prompt] * DRAWS, config, LENGTH + 1, GenerateOptions(row_seeds=range(DRAWS))
+    )
     offered_in_full = 3 * out.stats["row_rounds"]
     assert 0.2 * offered_in_full < out.stats["drafted_tokens"] < 0.9 * offered_in_full
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0
@@ -157,7 +129,7 @@ def test_the_same_test_rejects_resampling_from_the_target(target, draft, prompt,
     config = CONFIGS["plain"]
     monkeypatch.setattr(draft_verify, "verify_drafts", resample_from_target_on_rejection)
     out = decoders(draft)[decoder_name].generate(
-        target, [prompt] * DRAWS, config, LENGTH, row_seeds=range(DRAWS)
+        target, [prompt] * DRAWS, config, LENGTH, GenerateOptions(row_seeds=range(DRAWS))
     )
     assert joint_p_value(out.token_ids, exact_joint(target, config, LENGTH, prompt)) < 1e-3
 
@@ -190,10 +162,10 @@ def test_greedy_equals_greedy_autoregressive(decoder_name, test_device):
     prompts = [[5, 6, 7, 5, 6], [1, 2, 3, 4, 1, 2, 3, 4, 1, 2], [9]]
     greedy = get_preset("deterministic", repetition_penalty=1.3)
     for gamma in (1, 3, 5):
-        adaptive = SpeculativeDecoder(draft, gamma, adaptive=True)
+        heuristic = SpeculativeDecoder(draft, gamma, policy="heuristic")
         measured = decoders(draft, gamma, policy="measured")
         for decoder in (
-            {**decoders(draft, gamma), "speculative": adaptive}[decoder_name],
+            {**decoders(draft, gamma), "speculative": heuristic}[decoder_name],
             measured[decoder_name],
         ):
             check_greedy_equals_autoregressive(decoder, target, prompts, greedy)
@@ -215,7 +187,7 @@ def test_rounds_cut_short_report_the_drafts_made_not_the_gamma_chosen(target, dr
     """A draft this unsure of itself (vocab 16) is never 99% sure: each round drafts one column (the
     last round none: one token of room left)."""
     decoder = SpeculativeDecoder(draft, num_draft_tokens=3, min_confidence=0.99)
-    out = decoder.generate(target, [prompt], get_preset("balanced"), 12, row_seeds=[7])
+    out = decoder.generate(target, [prompt], get_preset("balanced"), 12, GenerateOptions(row_seeds=[7]))
     assert out.stats["draft_tokens_offered"] == out.stats["drafted_tokens"] == out.draft_forwards
     assert 0 < derive_rates(out.stats)["mean_num_draft_tokens"] <= 1
 
@@ -224,10 +196,12 @@ def check_greedy_equals_autoregressive(decoder, target, prompts, greedy):
     for max_new in (1, 7, 20):
         want = AutoregressiveDecoder().generate(target, prompts, greedy, max_new)
         stop = want.token_ids[1][min(4, len(want.token_ids[1]) - 1)]
-        want_stopped = AutoregressiveDecoder().generate(target, prompts, greedy, max_new, stop_ids=[stop])
+        want_stopped = AutoregressiveDecoder().generate(
+            target, prompts, greedy, max_new, GenerateOptions(stop_ids=[stop])
+        )
         got = decoder.generate(target, prompts, greedy, max_new)
         assert got.token_ids == want.token_ids
-        got_stopped = decoder.generate(target, prompts, greedy, max_new, stop_ids=[stop])
+        got_stopped = decoder.generate(target, prompts, greedy, max_new, GenerateOptions(stop_ids=[stop]))
         assert got_stopped.token_ids == want_stopped.token_ids
         assert got_stopped.finished_by_stop == want_stopped.finished_by_stop
         for row, tokens in enumerate(got.token_ids):
@@ -277,7 +251,7 @@ def test_stop_strings_keep_what_autoregressive_keeps_up_to_the_stop(models64, de
     expected = [cut_at_stop_string(row, stops) for row in want]
     assert expected[1][1] and len(expected[1][0]) <= 5
     decoder = decoders(draft, 4, policy)[decoder_name]
-    got = decoder.generate(target, PROMPTS64, GREEDY, 20, stop_strings=stops)
+    got = decoder.generate(target, PROMPTS64, GREEDY, 20, GenerateOptions(stop_strings=stops))
     assert got.token_ids == [tokens for tokens, _ in expected]
     assert got.finished_by_stop == [stopped for _, stopped in expected]
     assert [len(x) for x in got.model_logprobs] == [len(t) for t in got.token_ids]
@@ -290,11 +264,13 @@ def test_ignore_eos(models64, decoder_name):
     eos = plain[0][3]
     with_eos = HFCausalLM(target.model, eos_token_ids=(eos,))
     decoder = decoders(draft, 3)[decoder_name]
-    ignored = decoder.generate(with_eos, PROMPTS64, GREEDY, 12, ignore_eos=True)
+    ignored = decoder.generate(with_eos, PROMPTS64, GREEDY, 12, GenerateOptions(ignore_eos=True))
     assert ignored.token_ids == plain and not any(ignored.finished_by_stop)
     honoured = decoder.generate(with_eos, PROMPTS64, GREEDY, 12)
     assert honoured.token_ids[0] == plain[0][:3] and honoured.finished_by_stop[0]
-    explicit = decoder.generate(with_eos, PROMPTS64, GREEDY, 12, stop_ids=[eos], ignore_eos=True)
+    explicit = decoder.generate(
+        with_eos, PROMPTS64, GREEDY, 12, GenerateOptions(stop_ids=[eos], ignore_eos=True)
+    )
     assert explicit.token_ids[0] == plain[0][:3], "explicit stop ids still end rows"
 
 
@@ -304,7 +280,11 @@ def test_progress_accounts_for_every_token_and_released_budget(models64, policy)
     want = AutoregressiveDecoder().generate(target, PROMPTS64, GREEDY, 15).token_ids
     calls: list[tuple[int, int]] = []
     out = SpeculativeDecoder(draft, 3, policy=policy).generate(
-        target, PROMPTS64, GREEDY, 15, stop_ids=[want[1][2]], progress=lambda n, r: calls.append((n, r))
+        target,
+        PROMPTS64,
+        GREEDY,
+        15,
+        GenerateOptions(stop_ids=[want[1][2]], progress=lambda n, r: calls.append((n, r))),
     )
     new, released = sum(n for n, _ in calls), sum(r for _, r in calls)
     assert new == out.num_new_tokens and released > 0
@@ -316,14 +296,16 @@ def test_progress_accounts_for_every_token_and_released_budget(models64, policy)
 def test_max_batch_size_keeps_input_order_and_outputs(models64, decoder_name):
     target, draft = models64
     prompts = PROMPTS64 + [[4, 4, 4, 4], [7, 1]]
-    want = AutoregressiveDecoder().generate(target, prompts, GREEDY, 10, stop_ids=[3])
+    want = AutoregressiveDecoder().generate(target, prompts, GREEDY, 10, GenerateOptions(stop_ids=[3]))
     decoder = decoders(draft, 3)[decoder_name]
     for size in (1, 2, 4, 5, 9):
-        got = decoder.generate(target, prompts, GREEDY, 10, stop_ids=[3], max_batch_size=size)
+        got = decoder.generate(
+            target, prompts, GREEDY, 10, GenerateOptions(stop_ids=[3], max_batch_size=size)
+        )
         assert got.token_ids == want.token_ids
         assert got.finished_by_stop == want.finished_by_stop
     with pytest.raises(ValueError, match="max_batch_size=0 is invalid"):
-        decoder.generate(target, prompts, GREEDY, 10, max_batch_size=0)
+        decoder.generate(target, prompts, GREEDY, 10, GenerateOptions(max_batch_size=0))
 
 
 def test_sampled_rows_do_not_depend_on_max_batch_size_without_stops(models64):
@@ -331,8 +313,10 @@ def test_sampled_rows_do_not_depend_on_max_batch_size_without_stops(models64):
     target, draft = models64
     config = SamplingConfig(temperature=1.0, top_k=20)
     decoder = SpeculativeDecoder(draft, 3)
-    whole = decoder.generate(target, PROMPTS64, config, 9, row_seeds=[11, 12, 13])
-    split = decoder.generate(target, PROMPTS64, config, 9, row_seeds=[11, 12, 13], max_batch_size=2)
+    whole = decoder.generate(target, PROMPTS64, config, 9, GenerateOptions(row_seeds=[11, 12, 13]))
+    split = decoder.generate(
+        target, PROMPTS64, config, 9, GenerateOptions(row_seeds=[11, 12, 13], max_batch_size=2)
+    )
     assert split.token_ids == whole.token_ids
 
 
@@ -353,7 +337,11 @@ def test_lossless_when_gamma_changes_between_rounds(target, draft, prompt, monke
         monkeypatch.setattr(draft_verify, "make_policy", lambda name, gamma: PastDependentPolicy(2))
     decoder = decoders(draft, 3, "measured")[decoder_name]
     out = decoder.generate(
-        target, [prompt] * DRAWS, config, LENGTH + 1, row_seeds=range(DRAWS), max_batch_size=DRAWS // 4
+        target,
+        [prompt] * DRAWS,
+        config,
+        LENGTH + 1,
+        GenerateOptions(row_seeds=range(DRAWS), max_batch_size=DRAWS // 4),
     )
     assert out.stats["accepted_tokens"] > 0
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"]
@@ -414,7 +402,9 @@ def test_draft_with_another_vocabulary_is_refused(target):
 def test_enumeration_matches_autoregressive_sampling(target):
     """Sanity check of the reference itself: AR draws follow the enumerated joint."""
     config = CONFIGS["top-k/top-p"]
-    out = AutoregressiveDecoder().generate(target, [PROMPT] * DRAWS, config, LENGTH, row_seeds=range(DRAWS))
+    out = AutoregressiveDecoder().generate(
+        target, [PROMPT] * DRAWS, config, LENGTH, GenerateOptions(row_seeds=range(DRAWS))
+    )
     joint = exact_joint(target, config, LENGTH)
     assert sum(joint.values()) == pytest.approx(1.0)
     assert joint_p_value(out.token_ids, joint) > 1e-3

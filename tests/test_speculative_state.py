@@ -8,18 +8,18 @@ import copy
 
 import pytest
 import torch
-from test_speculative import joint_p_value
 
 import sampling.decoding.rounds as rounds
-from rtdlm_experiments.models import HFCausalLM, build_tiny_random
-from sampling import SamplingConfig, TokenSampler, get_preset
+from rtdlm_experiments.models import HFCausalLM
+from sampling import SamplingConfig, TokenSampler
 from sampling.decoding import (
-    AutoregressiveDecoder,
+    GenerateOptions,
     PromptLookupDecoder,
     SelfSpeculativeDecoder,
     SpeculativeDecoder,
 )
 from sampling.sampler import SamplerState
+from tests.sampling_helpers import joint_p_value, perturbed_draft, repeating_prompt, small_target
 
 VOCAB = 16
 DRAWS = 20_000
@@ -36,26 +36,17 @@ DECODERS = ["speculative", "self_speculative", "prompt_lookup"]
 
 @pytest.fixture(scope="module")
 def target(test_device) -> HFCausalLM:
-    model = build_tiny_random(num_layers=3, vocab_size=VOCAB, hidden_size=32, seed=1).to(test_device)
-    return HFCausalLM(model, eos_token_ids=())
+    return small_target(test_device, VOCAB)
 
 
 @pytest.fixture(scope="module")
 def draft(target) -> HFCausalLM:
-    """The target with a perturbed LM head: accepts often, rejects often enough."""
-    model = copy.deepcopy(target.model)
-    weight = model.lm_head.weight
-    with torch.no_grad():
-        weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(2)).to(weight.device))
-    return HFCausalLM(model, eos_token_ids=())
+    return perturbed_draft(target)
 
 
 @pytest.fixture(scope="module")
 def prompt(target) -> list[int]:
-    """A prompt that repeats itself (DRY and n-gram bans act; lookup drafts tokens the target likes)."""
-    base = [3, 7]
-    greedy = AutoregressiveDecoder().generate(target, [base], get_preset("deterministic"), 4).token_ids[0]
-    return base + greedy + base
+    return repeating_prompt(target)
 
 
 def make_decoder(name: str, draft: HFCausalLM, gamma: int = 2):
@@ -99,7 +90,7 @@ def exact_joint(model: HFCausalLM, config: SamplingConfig, length: int, prompt: 
 
 
 def sampled(decoder, target, prompt, config):
-    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH, row_seeds=range(DRAWS))
+    out = decoder.generate(target, [prompt] * DRAWS, config, LENGTH, GenerateOptions(row_seeds=range(DRAWS)))
     assert all(len(t) == LENGTH for t in out.token_ids)
     return out
 
@@ -184,7 +175,7 @@ def committed_mu_and_reference(target, draft, prompt, monkeypatch, decoder_name)
     monkeypatch.setattr(draft_verify.DraftVerifyDecoder, "_run", spy)
     config = CONFIGS["mirostat"]
     out = make_decoder(decoder_name, draft, gamma=3).generate(
-        target, [prompt] * 6, config, 6, row_seeds=range(6)
+        target, [prompt] * 6, config, 6, GenerateOptions(row_seeds=range(6))
     )
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0
     (state,) = states

@@ -9,16 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sampling import SamplingConfig, TokenSampler
-from sampling.config import ORDERS, STAGE_ENABLED, STAGE_NAMES
-from sampling.processors import (
-    dry_penalty,
-    epsilon_filter,
-    eta_filter,
-    no_repeat_ngram_ban,
-    top_p_filter,
-    typical_filter,
-)
-from sampling.stages.chain import STAGES
+from sampling.config import STAGE_NAMES
+from sampling.stages.classic import top_p_filter
+from sampling.stages.filters import epsilon_filter, eta_filter, typical_filter
+from sampling.stages.history import dry_penalty, no_repeat_ngram_ban
 from tests.stage_reference import ref_distribution, ref_dry, ref_no_repeat
 
 ROWS = [
@@ -184,26 +178,7 @@ def test_dry_penalizes_the_longest_repeat():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Orders
-
-
-def test_named_orders_are_the_real_chains():
-    assert ORDERS["hf"] == (
-        "penalties",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "typical_p",
-        "epsilon",
-        "eta",
-    )
-    assert ORDERS["llamacpp"] == (
-        "penalties", "dry", "top_n_sigma", "top_k", "typical_p", "top_p", "min_p", "xtc", "temperature",
-    )  # fmt: skip
-    assert ORDERS["vllm"] == ("logit_bias", "penalties", "temperature", "min_p", "top_k", "top_p")
-    assert set(ORDERS["rtdlm"]) == set(STAGE_NAMES) and ORDERS["rtdlm"][-1] == "mirostat"
-    assert set(STAGES) == set(STAGE_NAMES) == set(STAGE_ENABLED)
+# Orders (each named order against its system: tests/test_stage_orders.py)
 
 
 def test_order_lists_become_tuples_and_run_in_their_order():

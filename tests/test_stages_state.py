@@ -6,23 +6,13 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from sampling import SamplingConfig, TokenSampler, noise
 from sampling.sampler import SamplerState
 from sampling.stages.select import CHUNK_STREAM, chunked_race
+from tests.sampling_helpers import STAT_LOGITS, chi_square_p
 
-STAT_LOGITS = torch.tensor([1.6, 1.2, 1.0, 1.0, 0.7, 0.2, -0.5, -1.0, -2.0, float("-inf")])
 STAT_HISTORY = torch.tensor([0, 1, 2, 4, 0, 1, 2, 5, 0, 1])
-
-
-def _chi_square_p(tokens: torch.Tensor, probs: torch.Tensor) -> float:
-    counts = torch.bincount(tokens, minlength=probs.numel()).double().numpy()
-    expected = probs.double().numpy() * counts.sum()
-    support = expected > 0
-    assert counts[~support].sum() == 0, "drew a token with zero probability"
-    expected = expected[support] * counts.sum() / expected[support].sum()
-    return float(chisquare(counts[support], expected).pvalue)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,7 +154,7 @@ def _draw(name: str, config: SamplingConfig, draws: int) -> tuple[torch.Tensor, 
 def test_new_stage_samples_follow_distribution_and_reject_the_wrong_rule(name):
     config, wrong, _ = CASES[name]
     tokens, probs = _draw(name, config, 200_000)
-    assert _chi_square_p(tokens, probs) > 1e-3
+    assert chi_square_p(tokens, probs) > 1e-3
     wrong_state = (
         SamplerState(torch.tensor([MU / math.log(2)], dtype=torch.float64)) if wrong.mirostat else None
     )
@@ -173,7 +163,7 @@ def test_new_stage_samples_follow_distribution_and_reject_the_wrong_rule(name):
     ]
     assert not torch.allclose(wrong_probs, probs, atol=1e-3), "the wrong rule must differ here"
     try:
-        assert _chi_square_p(tokens, wrong_probs) < 1e-3
+        assert chi_square_p(tokens, wrong_probs) < 1e-3
     except AssertionError as error:
         assert "zero probability" in str(error)
 
@@ -189,14 +179,14 @@ def test_chunked_race_follows_softmax_and_rejects_uniform_chunks():
         row.expand(draws, -1), noise.row_keys(seeds, steps), noise.row_keys(seeds, steps, CHUNK_STREAM)
     )
     probs = torch.softmax(row, 0)
-    assert _chi_square_p(tokens, probs) > 1e-3
+    assert chi_square_p(tokens, probs) > 1e-3
     # the wrong rule: pick a non-empty chunk uniformly, then a token inside it by its weight
     chunks = (ids // 64).unique()
     wrong = torch.zeros_like(probs)
     for chunk in chunks:
         inside = probs * (torch.arange(700) // 64 == chunk)
         wrong += inside / inside.sum() / chunks.numel()
-    assert _chi_square_p(tokens, wrong) < 1e-3
+    assert chi_square_p(tokens, wrong) < 1e-3
 
 
 def test_wide_row_draws_are_batch_invariant():

@@ -1,5 +1,5 @@
-"""Decoders: one file each, one shared `generate(model, prompt_ids, config, max_new_tokens, stop_ids,
-row_seeds, *, stop_strings, ignore_eos, max_batch_size, progress)` (see `base.Decoder`)."""
+"""Decoders: one file each, one shared `generate(model, prompt_ids, config, max_new_tokens, options)`
+(see `base.Decoder`; ``options`` is a `GenerateOptions`: seeds, stops, batching, progress)."""
 
 from sampling.decoding.accounting import derive_rates, predicted_speedup
 from sampling.decoding.autoregressive import AutoregressiveDecoder
@@ -7,6 +7,7 @@ from sampling.decoding.base import (
     CausalLM,
     Decoder,
     EarlyExitLM,
+    GenerateOptions,
     GenerationOutput,
     Progress,
     left_pad,
@@ -23,6 +24,7 @@ __all__ = [
     "Decoder",
     "DraftVerifyDecoder",
     "EarlyExitLM",
+    "GenerateOptions",
     "GenerationOutput",
     "Progress",
     "PromptLookupDecoder",

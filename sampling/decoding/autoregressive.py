@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from sampling.config import SamplingConfig
 from sampling.decoding.base import (
+    DEFAULT_OPTIONS,
     CausalLM,
+    GenerateOptions,
     GenerationOutput,
     Progress,
     fit_prompts,
@@ -28,7 +29,7 @@ from sampling.decoding.base import (
     stop_set,
 )
 from sampling.decoding.slots import SlotBatch, prefill_slots
-from sampling.decoding.stopping import StopStrings, StopStringTracker
+from sampling.decoding.stopping import StopStringTracker
 from sampling.sampler import SampleOutput, TokenSampler
 
 
@@ -148,29 +149,21 @@ class AutoregressiveDecoder:
         prompt_ids: list[list[int]],
         config: SamplingConfig,
         max_new_tokens: int,
-        stop_ids: Sequence[int] = (),
-        row_seeds: Sequence[int] | None = None,
-        *,
-        stop_strings: StopStrings | None = None,
-        ignore_eos: bool = False,
-        max_batch_size: int | None = None,
-        progress: Progress | None = None,
+        options: GenerateOptions = DEFAULT_OPTIONS,
     ) -> GenerationOutput:
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1 (or None: all rows)")
         prompts = fit_prompts(model, prompt_ids, max_new_tokens, self.truncate_prompts)
         rows = len(prompts)
         call = _Call(
             model=model,
             prompts=prompts,
             sampler=TokenSampler(config),
-            seeds=resolve_row_seeds(config, rows, row_seeds).to(model.device),
-            stops=stop_set(model, stop_ids, ignore_eos),
-            stop_strings=stop_strings.start(rows) if stop_strings is not None else None,
+            seeds=resolve_row_seeds(config, rows, options.row_seeds).to(model.device),
+            stops=stop_set(model, options.stop_ids, options.ignore_eos),
+            stop_strings=options.stop_strings.start(rows) if options.stop_strings is not None else None,
             max_new_tokens=max_new_tokens,
-            max_batch_size=max_batch_size or rows,
+            max_batch_size=options.max_batch_size or rows,
             keep_stop_token=self.keep_stop_token,
-            progress=progress,
+            progress=options.progress,
             out=_empty_output(rows),
             pending=deque(range(rows)),
         )

@@ -168,16 +168,40 @@ def merge_outputs(outputs: Sequence[GenerationOutput]) -> GenerationOutput:
     )
 
 
+@dataclass(frozen=True)
+class GenerateOptions:
+    """How one `Decoder.generate` call runs, besides its prompts, sampling config and length.
+
+    ``row_seeds`` (one per prompt) key each row's randomness, so a prompt's sample does not depend on the
+    batch it was put in (see `resolve_row_seeds`). A row ends at its first of ``stop_ids`` or EOS (EOS not
+    with ``ignore_eos``), at the token completing one of ``stop_strings`` (kept; ``finished_by_stop``), or
+    after ``max_new_tokens`` tokens. ``max_batch_size`` bounds the rows in flight at once (None: all).
+    ``progress``: see `Progress`.
+    """
+
+    stop_ids: Sequence[int] = ()
+    row_seeds: Sequence[int] | None = None
+    stop_strings: StopStrings | None = None
+    ignore_eos: bool = False
+    max_batch_size: int | None = None
+    progress: Progress | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(
+                f"max_batch_size={self.max_batch_size} is invalid: must be >= 1 (or None: all rows)"
+            )
+
+
+DEFAULT_OPTIONS = GenerateOptions()
+
+
 class Decoder(Protocol):
     """The one signature every decoder shares.
 
     ``prompt_ids`` may hold a whole job's rows; output rows are in input order whatever the schedule.
-    ``row_seeds`` (one per prompt) key each row's randomness, so a prompt's sample does not depend on
-    the batch it was put in (see `resolve_row_seeds`). A row ends at its first stop id or EOS (EOS not
-    with ``ignore_eos``), at the token completing one of ``stop_strings`` (kept; ``finished_by_stop``), or
-    after ``max_new_tokens`` tokens. ``max_batch_size`` bounds the rows in flight at once (None: all).
-    ``progress``: see `Progress`. Decoders keep no per-call state on the instance: one instance may
-    serve concurrent calls.
+    ``options``: seeds, stops, batching and progress (`GenerateOptions`). Decoders keep no per-call state
+    on the instance: one instance may serve concurrent calls.
     """
 
     def generate(
@@ -186,13 +210,7 @@ class Decoder(Protocol):
         prompt_ids: list[list[int]],
         config: SamplingConfig,
         max_new_tokens: int,
-        stop_ids: Sequence[int] = (),
-        row_seeds: Sequence[int] | None = None,
-        *,
-        stop_strings: StopStrings | None = None,
-        ignore_eos: bool = False,
-        max_batch_size: int | None = None,
-        progress: Progress | None = None,
+        options: GenerateOptions = DEFAULT_OPTIONS,
     ) -> GenerationOutput: ...
 
 

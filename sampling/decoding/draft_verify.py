@@ -11,7 +11,6 @@ this is plain crop-based rollback.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,9 @@ from sampling import noise
 from sampling.config import SamplingConfig
 from sampling.decoding.accounting import RoundTally
 from sampling.decoding.base import (
+    DEFAULT_OPTIONS,
     CausalLM,
+    GenerateOptions,
     GenerationOutput,
     Progress,
     fit_prompts,
@@ -31,7 +32,7 @@ from sampling.decoding.base import (
 )
 from sampling.decoding.rounds import HOLE, Drafts, DraftSession, RoundState, kept_prefix, no_drafts
 from sampling.decoding.speculation_policy import POLICIES, Policy, RoundReport, make_policy
-from sampling.decoding.stopping import StopStrings, StopStringTracker
+from sampling.decoding.stopping import StopStringTracker
 from sampling.sampler import TokenSampler
 
 __all__ = [
@@ -154,7 +155,6 @@ class DraftVerifyDecoder:
     ``policy`` chooses the drafts offered per round (`speculation_policy`): "constant" γ =
     ``num_draft_tokens``; "heuristic" HF's +2/−1 schedule from γ; "measured" the γ in 0..``num_draft_tokens``
     with the best predicted speedup from this call's measured costs (0 = a plain autoregressive round).
-    ``adaptive=True`` is the older spelling of ``policy="heuristic"``.
 
     The instance holds only settings; everything a call changes lives in that call's `RoundState`,
     `DraftSession`, policy and loop state, so one instance can serve concurrent calls.
@@ -163,24 +163,18 @@ class DraftVerifyDecoder:
     def __init__(
         self,
         num_draft_tokens: int = 4,
-        adaptive: bool = False,
         keep_stop_token: bool = False,
         truncate_prompts: bool = False,
-        policy: str | None = None,
+        policy: str = "constant",
     ) -> None:
         if num_draft_tokens < 1:
             raise ValueError(f"num_draft_tokens={num_draft_tokens} is invalid: must be >= 1")
-        policy = policy or ("heuristic" if adaptive else "constant")
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r} is invalid: must be one of {', '.join(POLICIES)}")
         self.num_draft_tokens = num_draft_tokens
         self.policy = policy
         self.keep_stop_token = keep_stop_token
         self.truncate_prompts = truncate_prompts
-
-    @property
-    def adaptive(self) -> bool:
-        return self.policy != "constant"
 
     def open_session(self, target: CausalLM, state: RoundState) -> DraftSession:
         """A fresh drafter for one call, opened after the target prefilled all but the pending token."""
@@ -194,31 +188,24 @@ class DraftVerifyDecoder:
         prompt_ids: list[list[int]],
         config: SamplingConfig,
         max_new_tokens: int,
-        stop_ids: Sequence[int] = (),
-        row_seeds: Sequence[int] | None = None,
-        *,
-        stop_strings: StopStrings | None = None,
-        ignore_eos: bool = False,
-        max_batch_size: int | None = None,
-        progress: Progress | None = None,
+        options: GenerateOptions = DEFAULT_OPTIONS,
     ) -> GenerationOutput:
-        """Rows run in static batches of at most ``max_batch_size`` (all at once by default), in input
-        order; one γ policy serves the whole call, so later batches reuse the costs measured earlier."""
-        if max_batch_size is not None and max_batch_size < 1:
-            raise ValueError(f"max_batch_size={max_batch_size} is invalid: must be >= 1 or None")
+        """Rows run in static batches of at most ``options.max_batch_size`` (all at once by default), in
+        input order; one γ policy serves the whole call, so later batches reuse the costs measured earlier."""
         prompts = fit_prompts(
             model, prompt_ids, max_new_tokens + self.num_draft_tokens + 1, self.truncate_prompts
         )
-        seeds = resolve_row_seeds(config, len(prompts), row_seeds)
-        stops = stop_set(model, stop_ids, ignore_eos)
+        seeds = resolve_row_seeds(config, len(prompts), options.row_seeds)
+        stops = stop_set(model, options.stop_ids, options.ignore_eos)
         policy = make_policy(self.policy, self.num_draft_tokens)
-        size = max_batch_size or len(prompts)
+        size = options.max_batch_size or len(prompts)
+        stop_strings = options.stop_strings
         outputs = []
         for first in range(0, len(prompts), size):
             rows = slice(first, first + size)
             tracker = stop_strings.start(len(prompts[rows])) if stop_strings is not None else None
             call = self._prefill(model, prompts[rows], config, max_new_tokens, stops, seeds[rows], policy)
-            call.tracker, call.progress = tracker, progress
+            call.tracker, call.progress = tracker, options.progress
             outputs.append(self._run(model, call))
         return outputs[0] if len(outputs) == 1 else merge_outputs(outputs)
 

@@ -50,7 +50,7 @@ class PromptLookupDecoder(DraftVerifyDecoder):
     p(x) and a rejection resamples from p with x removed: still exactly the target's distribution."""
 
     def __init__(self, max_ngram: int = 3, num_draft_tokens: int = 4, **options: Any) -> None:
-        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``keep_stop_token``, ...)."""
         super().__init__(num_draft_tokens, **options)
         if max_ngram < 1:
             raise ValueError(f"max_ngram={max_ngram} is invalid: must be >= 1")

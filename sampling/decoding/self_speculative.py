@@ -68,7 +68,7 @@ class SelfSpeculativeDecoder(DraftVerifyDecoder):
     """
 
     def __init__(self, exit_layer: int, num_draft_tokens: int = 4, **options: Any) -> None:
-        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``keep_stop_token``, ...)."""
         super().__init__(num_draft_tokens, **options)
         if exit_layer < 1:
             raise ValueError(f"exit_layer={exit_layer} is invalid: must be >= 1")

@@ -111,15 +111,15 @@ class DraftModelSession(DraftSession):
 class SpeculativeDecoder(DraftVerifyDecoder):
     """Drafts γ tokens from ``draft_model``'s sampling distribution q (same config, same history as
     the target), verified against the target's p. Lossless: the output is distributed as autoregressive
-    sampling from the target. ``policy`` picks γ per round (see `DraftVerifyDecoder`); ``adaptive=True``
-    is ``policy="heuristic"``: γ grows by 2 after a round where every draft passed and shrinks by 1
-    otherwise (HF's heuristic). ``min_confidence`` > 0 also ends a row's drafts early after one the
+    sampling from the target. ``policy`` picks γ per round (see `DraftVerifyDecoder`; with
+    ``policy="heuristic"`` γ grows by 2 after a round where every draft passed and shrinks by 1 otherwise,
+    HF's heuristic). ``min_confidence`` > 0 also ends a row's drafts early after one the
     draft model was unsure of (`DraftModelSession`)."""
 
     def __init__(
         self, draft_model: CausalLM, num_draft_tokens: int = 4, min_confidence: float = 0.0, **options: Any
     ) -> None:
-        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``adaptive``, ...)."""
+        """``options``: the other `DraftVerifyDecoder` keywords (``policy``, ``keep_stop_token``, ...)."""
         if not 0.0 <= min_confidence < 1.0:
             raise ValueError(f"min_confidence={min_confidence} is invalid: must be in [0, 1) (0: off)")
         super().__init__(num_draft_tokens, **options)

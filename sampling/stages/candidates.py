@@ -5,7 +5,8 @@ of the chain (after the logit modifiers) is one of them, the final kept set is a
 sorted by modified logit. We take the top-M candidates (M = top_k + 1 when top-k is the first filter, else
 64, growing ×8), run the chain on them, and accept a row once the first filter provably drops its smallest
 candidate; the first filter reads the whole row's statistics (normalizer, entropy, σ) when it needs them.
-A first filter with a value threshold (`THRESHOLDS`) picks its survivors directly (`candidates_above`).
+A first filter with a value threshold (its record's ``threshold``) picks its survivors directly
+(`candidates_above`).
 Rows that stay undecided past a few thousand candidates run on the whole row, a few rows at a time.
 
 Which pass decides a row depends on that row alone (the top-p skip-ahead bound only skips passes that
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from sampling.config import SamplingConfig
-from sampling.stages.chain import STAGES, THRESHOLDS, ChainContext, first_threshold, run_chain
+from sampling.stages.chain import first_threshold, run_chain
 from sampling.stages.common import NEG_INF
+from sampling.stages.context import ChainContext
 from sampling.stages.select import CHUNK, candidates_above, top_candidates
 
 FIRST_CANDIDATES = 64
@@ -65,87 +67,110 @@ class Candidates:
         return probs
 
 
-def whole_row_candidates(
-    config: SamplingConfig, stages: tuple[str, ...], modified, history, generated, mu, coin
-) -> Candidates:
-    """The chain ``stages`` on every whole row: for chains that cannot start on candidates."""
-    final = whole_row_chain(config, stages, modified, history, generated, mu, coin)
+@dataclass(frozen=True)
+class ChainInputs:
+    """What the chain after the logit modifiers reads besides the logits, for the rows it runs on:
+    ``history`` / ``generated`` ids (whole-row chains only), mirostat's ``mu`` and XTC's ``coin``."""
+
+    config: SamplingConfig
+    stages: tuple[str, ...]
+    history: torch.Tensor | None = None
+    generated: torch.Tensor | None = None
+    mu: torch.Tensor | None = None
+    coin: torch.Tensor | bool = True
+
+    def rows(self, index: torch.Tensor | slice | None) -> ChainInputs:
+        """The inputs of some rows (None: all)."""
+        if index is None:
+            return self
+        history, generated, mu, coin = (
+            x[index] if isinstance(x, torch.Tensor) else x
+            for x in (self.history, self.generated, self.mu, self.coin)
+        )
+        return ChainInputs(self.config, self.stages, history, generated, mu, coin)
+
+
+def whole_row_candidates(inputs: ChainInputs, modified: torch.Tensor) -> Candidates:
+    """The chain on every whole row: for chains that cannot start on candidates."""
+    final = whole_row_chain(inputs, modified)
     return Candidates(_all_ids(modified), final, _wide(modified, modified.shape[0]), 0)
 
 
 def whole_row_chain(
-    config: SamplingConfig, stages: tuple[str, ...], rows, history, generated, mu, coin, which=None
+    inputs: ChainInputs, rows: torch.Tensor, which: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The chain on whole rows (those of ``rows`` at indices ``which``, default all), a few rows at a
-    time: temporaries of a block stay small enough for the allocator to reuse (fresh pages for each
-    40 MB temporary cost more than the arithmetic)."""
+    """The chain on whole rows (those of ``rows`` at indices ``which``, default all; ``inputs`` hold the
+    rows the chain runs on), a few rows at a time: temporaries of a block stay small enough for the
+    allocator to reuse (fresh pages for each 40 MB temporary cost more than the arithmetic)."""
     count = rows.shape[0] if which is None else which.numel()
     block = max(1, DENSE_BLOCK_ELEMENTS // rows.shape[1])
     finals = []
     for start in range(0, count, block):
         part = slice(start, start + block)
-        history_part, generated_part, mu_part, coin_part = (
-            x[part] if isinstance(x, torch.Tensor) else x for x in (history, generated, mu, coin)
-        )
-        ctx = ChainContext(config, history_part, generated_part, mu=mu_part, xtc_active=coin_part)
+        some = inputs.rows(part)
+        ctx = ChainContext(some.config, some.history, some.generated, mu=some.mu, xtc_active=some.coin)
         values = rows[part] if which is None else rows[which[part]]
-        finals.append(run_chain(values, stages, ctx)[0])
+        finals.append(run_chain(values, inputs.stages, ctx)[0])
     return finals[0] if len(finals) == 1 else torch.cat(finals)
 
 
 @dataclass(frozen=True)
 class _Search:
-    """The fixed inputs of one candidate search (``stages``: the chain after the logit modifiers)."""
+    """The fixed inputs of one candidate search."""
 
-    config: SamplingConfig
-    stages: tuple[str, ...]
+    inputs: ChainInputs
     modified: torch.Tensor
-    mu: torch.Tensor | None
-    coin: torch.Tensor | bool
     stats: dict
     """Whole-row statistics, computed once for every row and shared by the passes."""
     first: str
     by_threshold: bool
 
 
-def search_candidates(
-    config: SamplingConfig,
-    stages: tuple[str, ...],
-    modified: torch.Tensor,
-    mu: torch.Tensor | None,
-    coin: torch.Tensor | bool,
-    stats: dict | None = None,
-) -> Candidates:
-    """The final logits of ``stages`` (which `split_chain` found can start on candidates) on each row's
-    candidates: passes at growing widths, each over the rows the previous ones left undecided.
+@dataclass(frozen=True)
+class _Pass:
+    """One pass of the search over the pending rows: each row's candidate ``ids`` and ``final`` logits,
+    which rows it ``decided``, the ``width`` it used, and its chain context (None for whole rows)."""
 
-    >>> config = SamplingConfig(top_k=2)
-    >>> found = search_candidates(config, ("top_k",), torch.tensor([[0.0, 3.0, 1.0, 2.0]]), None, True)
+    ids: torch.Tensor
+    final: torch.Tensor
+    decided: torch.Tensor
+    width: int
+    ctx: ChainContext | None
+
+
+def search_candidates(inputs: ChainInputs, modified: torch.Tensor, stats: dict | None = None) -> Candidates:
+    """The final logits of ``inputs.stages`` (which `split_chain` found can start on candidates) on each
+    row's candidates: passes at growing widths, each over the rows the previous ones left undecided.
+
+    >>> inputs = ChainInputs(SamplingConfig(top_k=2), ("top_k",))
+    >>> found = search_candidates(inputs, torch.tensor([[0.0, 3.0, 1.0, 2.0]]))
     >>> found.ids, found.logits
     (tensor([[1, 3, 2]]), tensor([[3., 2., -inf]]))
     """
     batch, vocab = modified.shape
-    first = next(s for s in stages if STAGES[s].kind != "scale")
-    by_threshold = first in THRESHOLDS and vocab > MAX_CANDIDATES
-    search = _Search(config, stages, modified, mu, coin, {} if stats is None else stats, first, by_threshold)
-    width = min(vocab, config.top_k + 1 if first == "top_k" else FIRST_CANDIDATES)
+    table = inputs.config.stage_table
+    first = next(s for s in inputs.stages if table[s].kind != "scale")
+    by_threshold = table[first].threshold is not None and vocab > MAX_CANDIDATES
+    search = _Search(inputs, modified, {} if stats is None else stats, first, by_threshold)
+    width = min(vocab, inputs.config.top_k + 1 if first == "top_k" else FIRST_CANDIDATES)
     rows, pending = modified, None  # pending: indices of rows still undecided (None = all rows)
     ids = final = done = None
     narrow_width = width
     while True:
-        cand_ids, row_final, decided, width, ctx = _run_pass(search, rows, pending, width)
+        result = _run_pass(search, rows, pending, width)
+        width, decided = result.width, result.decided
         if bool(decided.all()) and decided.shape[0] == batch:  # this pass decides every row of the batch
-            return Candidates(cand_ids, row_final, _wide(modified, batch) if width == vocab else None)
-        next_width = _width_after(search, width, ctx, decided)
+            return Candidates(result.ids, result.final, _wide(modified, batch) if width == vocab else None)
+        next_width = _width_after(search, width, result.ctx, decided)
         if pending is not None and not bool(decided.any()):  # nothing to merge: try the next width
             width = next_width
             continue
         if pending is None:
-            ids, final = cand_ids, row_final
+            ids, final = result.ids, result.final
             pending = torch.arange(rows.shape[0], device=rows.device)
         else:
             done = pending[decided]
-            ids, final = _merge(ids, final, done, decided, cand_ids, row_final, width, vocab)
+            ids, final = _merge(ids, final, done, result, vocab)
         narrow_width = narrow_width if width == vocab else width
         pending = pending[~decided]
         if not pending.numel():
@@ -159,43 +184,38 @@ def search_candidates(
             rows = modified if pending.numel() == batch else modified[pending]
 
 
-def _run_pass(search: _Search, rows: torch.Tensor, pending: torch.Tensor | None, width: int):
+def _run_pass(search: _Search, rows: torch.Tensor, pending: torch.Tensor | None, width: int) -> _Pass:
     """The chain on ``width`` candidates of ``rows`` (the pending rows; all when ``pending`` is None), or
-    on the whole rows when ``width`` is the vocabulary: (candidate ids, final logits, which rows it
-    decided, the width it used, the chain context of a candidate pass, else None)."""
-    mu, coin, modified = search.mu, search.coin, search.modified
-    rows_mu = mu if pending is None or mu is None else mu[pending]
-    rows_coin = coin if pending is None or isinstance(coin, bool) else coin[pending]
+    on the whole rows when ``width`` is the vocabulary."""
+    modified, inputs = search.modified, search.inputs.rows(pending)
     if width == modified.shape[1]:  # the whole rows, unsorted (indexed block by block, not copied at once)
         which = None if pending is None or pending.numel() == modified.shape[0] else pending
-        row_final = whole_row_chain(
-            search.config, search.stages, modified, None, None, rows_mu, rows_coin, which
-        )
+        row_final = whole_row_chain(inputs, modified, which)
         decided = torch.ones(row_final.shape[0], dtype=torch.bool, device=row_final.device)
-        return _all_ids(row_final), row_final, decided, width, None
-    config = search.config
+        return _Pass(_all_ids(row_final), row_final, decided, width, None)
+    config = inputs.config
     ctx = ChainContext(
         config,
         full=rows,
         sorted_desc=True,
-        mu=rows_mu,
-        xtc_active=rows_coin,
+        mu=inputs.mu,
+        xtc_active=inputs.coin,
         stats=search.stats,
         rows=pending,
     )
     if search.by_threshold:  # the first filter's cut from row statistics: its survivors, in one pass
-        hint = ChainContext(config, full=rows, mu=rows_mu, stats=search.stats)
+        hint = ChainContext(config, full=rows, mu=inputs.mu, stats=search.stats)
         values, cand_ids, count, fits = candidates_above(
-            rows, first_threshold(search.stages, hint), THRESHOLD_CHUNKS
+            rows, first_threshold(inputs.stages, hint), THRESHOLD_CHUNKS
         )
         ctx.last = (count - 1).clamp_(min=0).unsqueeze(1)
         width = values.shape[1]
     else:
         values, cand_ids = top_candidates(rows, width)
-    row_final, decided = run_chain(values, search.stages, ctx)
+    row_final, decided = run_chain(values, inputs.stages, ctx)
     if search.by_threshold:
         decided &= fits
-    return cand_ids, row_final, decided, width, ctx
+    return _Pass(cand_ids, row_final, decided, width, ctx)
 
 
 def _width_after(search: _Search, width: int, ctx: ChainContext | None, decided: torch.Tensor) -> int:
@@ -211,17 +231,21 @@ def _width_after(search: _Search, width: int, ctx: ChainContext | None, decided:
     return next_width
 
 
-def _merge(ids, final, done, decided, cand_ids, row_final, width: int, vocab: int):
-    """``ids`` and ``final`` with the rows ``done`` (batch indices of the ``decided`` pending rows) set to
-    this pass's result, both widened to ``width`` columns (padding: id 0, ``-inf``)."""
+def _merge(
+    ids: torch.Tensor, final: torch.Tensor, done: torch.Tensor, result: _Pass, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ids`` and ``final`` with the rows ``done`` (batch indices of the rows ``result`` decided) set to
+    this pass's result, both widened to its width (padding: id 0, ``-inf``)."""
+    width, decided = result.width, result.decided
     if ids.shape[1] > width:  # a threshold pass keeps vocab + 1 columns: the last one is padding
         ids, final = ids[:, :width], final[:, :width]
     if width < vocab or vocab <= MAX_CANDIDATES:  # wide rows' ids are their columns: no pad
         ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]))
     final = torch.nn.functional.pad(final, (0, width - final.shape[1]), value=NEG_INF)
     every = bool(decided.all())
+    cand_ids = result.ids
     ids[done] = cand_ids[0, : ids.shape[1]] if width == vocab else cand_ids if every else cand_ids[decided]
-    final[done] = row_final if every else row_final[decided]
+    final[done] = result.final if every else result.final[decided]
     return ids, final
 
 

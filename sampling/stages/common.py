@@ -197,3 +197,13 @@ def _bucketed_threshold(keys: torch.Tensor, probs: torch.Tensor, mass: float) ->
     member_probs[rows, slot] = probs[rows, cols]
     threshold = _sorted_threshold(member_keys, member_probs, mass, above.gather(-1, boundary).squeeze(-1))
     return torch.where(counts.unsqueeze(-1) > 0, threshold, bottom)
+
+
+def finite_std(logits: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation of each row's finite logits (float64, [B])."""
+    values = logits.double()
+    finite = torch.isfinite(values)
+    count = finite.sum(-1).clamp(min=1)
+    clean = torch.where(finite, values, 0.0)
+    mean = clean.sum(-1) / count
+    return (torch.where(finite, clean - mean.unsqueeze(-1), 0.0).square().sum(-1) / count).sqrt()

@@ -1,4 +1,4 @@
-"""Value filters beyond top-k/top-p/min-p: typical, ε, η, top-nσ, XTC and mirostat v2's surprise cut.
+"""Filters beyond the classic ones: typical, ε, η, top-nσ, XTC and mirostat v2's surprise cut.
 
 Each takes logits ``[B, N]`` (the distribution the stage receives; ``-inf`` = already dropped) and returns
 new logits with dropped tokens at ``-inf``. Statistics of the whole row (``log_total``, ``entropy``,
@@ -9,6 +9,7 @@ every token keeps the most likely one(s) instead.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,12 +17,17 @@ from sampling.stages.common import (
     NEG_INF,
     SORT_UP_TO,
     entropy,
+    finite_std,
     keep_at_least,
     keep_or_most_likely,
     logsumexp,
     mass_threshold,
     softmax_summary,
 )
+from sampling.stages.record import Param, Stage, integer, number
+
+if TYPE_CHECKING:
+    from sampling.stages.context import ChainContext
 
 
 def _log_probs(logits: torch.Tensor, log_total: torch.Tensor | None) -> torch.Tensor:
@@ -60,16 +66,6 @@ def eta_filter(
         row_entropy = entropy(logits, log_total)
     cutoff = torch.minimum(torch.full_like(row_entropy, eta), math.sqrt(eta) * torch.exp(-row_entropy))
     return keep_or_most_likely(logits, log_probs >= cutoff.log().unsqueeze(-1))
-
-
-def finite_std(logits: torch.Tensor) -> torch.Tensor:
-    """Population standard deviation of each row's finite logits (float64, [B])."""
-    values = logits.double()
-    finite = torch.isfinite(values)
-    count = finite.sum(-1).clamp(min=1)
-    clean = torch.where(finite, values, 0.0)
-    mean = clean.sum(-1) / count
-    return (torch.where(finite, clean - mean.unsqueeze(-1), 0.0).square().sum(-1) / count).sqrt()
 
 
 def top_n_sigma_filter(logits: torch.Tensor, n: float, sigma: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,25 +152,135 @@ def mirostat_update(mu: torch.Tensor, token_logprob: torch.Tensor, tau: float, e
     return mu.double() - eta * (surprise - tau)
 
 
-def dynamic_temperature(
-    logits: torch.Tensor,
-    temperature: float,
-    spread: float,
-    exponent: float,
-    row_entropy: torch.Tensor | None = None,
-    count: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-row temperature T' = T_min + (T_max − T_min)·(H/log N)^exponent with T_min = max(0, T − spread),
-    T_max = T + spread, H the entropy (nats) and N the number of finite logits of the row (llama.cpp's
-    dynamic temperature; H/log N = 0 when N = 1). Returns T' ([B], float64, floored at 1e-4: a T' of 0
-    would be greedy, which a row-wise scale cannot express).
+# --- records ------------------------------------------------------------------------------------------
 
-    >>> dynamic_temperature(torch.tensor([[0.0, 0.0], [9.0, float("-inf")]]), 1.0, 0.5, 1.0)
-    tensor([1.5000, 0.5000], dtype=torch.float64)
-    """
-    row_entropy = entropy(logits) if row_entropy is None else row_entropy.double()
-    count = torch.isfinite(logits).sum(-1) if count is None else count
-    max_entropy = count.double().clamp(min=1).log()
-    normalized = torch.where(max_entropy > 0, row_entropy / max_entropy.clamp(min=1e-300), 0.0).clamp(0, 1)
-    low, high = max(0.0, temperature - spread), temperature + spread
-    return (low + (high - low) * normalized.pow(exponent)).clamp(min=1e-4)
+
+def _eta_cut(ctx: ChainContext, row: torch.Tensor) -> torch.Tensor:
+    eta = ctx.config.eta_cutoff
+    cutoff = torch.clamp(math.sqrt(eta) * torch.exp(-ctx.entropy(row)), max=eta)
+    return ctx.log_total(row) + cutoff.log()
+
+
+TYPICAL_P = Stage(
+    name="typical_p",
+    kind="other",
+    params=(
+        Param(
+            "typical_p",
+            float,
+            1.0,
+            number(lambda v: 0 < v <= 1, "in (0, 1] (1 = disabled)"),
+            "Locally typical sampling: the mass kept, closest to the entropy first.",
+        ),
+    ),
+    enabled=lambda c: c.typical_p < 1.0,
+    apply=lambda v, ctx: typical_filter(v, ctx.config.typical_p),
+    doc="Locally typical sampling (Meister et al. 2022); needs the whole distribution it receives.",
+)
+
+EPSILON = Stage(
+    name="epsilon",
+    kind="upper",
+    params=(
+        Param(
+            "epsilon_cutoff",
+            float,
+            0.0,
+            number(lambda v: 0 <= v < 1, "in [0, 1) (0 = disabled)"),
+            "Keep tokens of probability >= ε.",
+        ),
+    ),
+    enabled=lambda c: c.epsilon_cutoff > 0.0,
+    apply=lambda v, ctx: epsilon_filter(v, ctx.config.epsilon_cutoff, ctx.log_total(v)),
+    doc=epsilon_filter.__doc__.split("\n")[0],
+    threshold=lambda ctx, row: ctx.log_total(row) + math.log(ctx.config.epsilon_cutoff),
+)
+
+ETA = Stage(
+    name="eta",
+    kind="upper",
+    params=(
+        Param(
+            "eta_cutoff",
+            float,
+            0.0,
+            number(lambda v: 0 <= v < 1, "in [0, 1) (0 = disabled)"),
+            "Keep tokens of probability >= min(η, √η·exp(−H)).",
+        ),
+    ),
+    enabled=lambda c: c.eta_cutoff > 0.0,
+    apply=lambda v, ctx: eta_filter(v, ctx.config.eta_cutoff, ctx.log_total(v), ctx.entropy(v)),
+    doc=eta_filter.__doc__.split("\n")[0],
+    threshold=_eta_cut,
+)
+
+TOP_N_SIGMA = Stage(
+    name="top_n_sigma",
+    kind="upper",
+    params=(
+        Param(
+            "top_n_sigma",
+            float,
+            0.0,
+            number(lambda v: v >= 0, ">= 0 (0 = disabled)"),
+            "Keep logits >= max − n·σ of the row's finite logits.",
+        ),
+    ),
+    enabled=lambda c: c.top_n_sigma > 0.0,
+    apply=lambda v, ctx: top_n_sigma_filter(v, ctx.config.top_n_sigma, ctx.sigma(v)),
+    doc="Keep logits within n standard deviations of the row's maximum (Tang et al. 2024).",
+    threshold=lambda ctx, row: ctx.top(row) - ctx.config.top_n_sigma * ctx.sigma(row),
+)
+
+XTC = Stage(
+    name="xtc",
+    kind="other",
+    params=(
+        Param(
+            "xtc_probability",
+            float,
+            0.0,
+            number(lambda v: 0 <= v <= 1, "in [0, 1] (0 = disabled)"),
+            "Chance, per row and step, that XTC acts (its coin comes from the row's noise).",
+        ),
+        Param(
+            "xtc_threshold",
+            float,
+            0.1,
+            number(lambda v: 0 <= v <= 1, "in [0, 1]"),
+            "Tokens at least this likely are the top choices XTC excludes (all but the least likely).",
+        ),
+    ),
+    enabled=lambda c: c.xtc_probability > 0.0,
+    apply=lambda v, ctx: xtc_filter(v, ctx.config.xtc_threshold, ctx.xtc_active, ctx.log_total(v)),
+    doc="Exclude Top Choices: when the coin comes up, drop all top choices but the least likely.",
+)
+
+MIROSTAT = Stage(
+    name="mirostat",
+    kind="upper",
+    params=(
+        Param(
+            "mirostat",
+            int,
+            0,
+            integer(lambda v: v in (0, 2), "0 (off) or 2 (mirostat v2)"),
+            "2: mirostat v2 (a per-row μ carried between steps); 0: off.",
+        ),
+        Param(
+            "mirostat_tau",
+            float,
+            5.0,
+            number(lambda v: v >= 0, ">= 0"),
+            "Target surprise τ in bits; μ starts at 2τ.",
+        ),
+        Param("mirostat_eta", float, 0.1, number(lambda v: v >= 0, ">= 0"), "Learning rate η of μ."),
+    ),
+    enabled=lambda c: c.mirostat == 2,
+    apply=lambda v, ctx: mirostat_filter(v, ctx.mu, ctx.log_total(v)),
+    doc="Mirostat v2's cut: keep tokens whose surprise is at most the row's μ (last in a chain).",
+    threshold=lambda ctx, row: ctx.log_total(row) - ctx.mu.double() * math.log(2.0),
+)
+
+RECORDS = (TYPICAL_P, EPSILON, ETA, TOP_N_SIGMA, XTC, MIROSTAT)
+"""This module's stages, in `STAGE_NAMES` order."""

@@ -1,4 +1,5 @@
-"""Stages that read the context: DRY, no-repeat-n-gram, and the (context-free) logit bias.
+"""Stages that read the context: the repetition/frequency/presence penalties, DRY, no-repeat-n-gram, and the
+(context-free) logit bias — the logit modifiers, which run on the whole vocabulary before any filter.
 
 Histories are ``[B, L]`` token ids with negative entries for padding and holes; a row's sequence is its
 non-negative ids in order (`compact_history`). Each function returns new logits; inputs are not modified.
@@ -6,9 +7,76 @@ non-negative ids in order (`compact_history`). Each function returns new logits;
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from sampling.stages.common import NEG_INF
+from sampling.stages.record import Param, Stage, bias_pairs, integer, number, token_ids, window
+
+if TYPE_CHECKING:
+    from sampling.stages.context import ChainContext
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    history: torch.Tensor | None,
+    *,
+    repetition_penalty: float = 1.0,
+    repetition_window: int | None = None,
+    generated: torch.Tensor | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> torch.Tensor:
+    """Repetition penalty over the context, then frequency/presence penalties over generated tokens.
+
+    ``history`` / ``generated``: ``[B, L]`` token ids, negative = padding. The repetition penalty θ hits
+    each distinct token of the last ``repetition_window`` real tokens of ``history`` once (logit > 0 →
+    logit/θ, else logit·θ). OpenAI-style penalties then subtract ``f·count + p·[count > 0]`` for the
+    tokens of ``generated`` (``history`` when ``generated`` is None).
+
+    >>> apply_penalties(torch.tensor([[2.0, -1.0, 0.5]]), torch.tensor([[0, 1, 0]]), repetition_penalty=2.0)
+    tensor([[ 1.0000, -2.0000,  0.5000]])
+    """
+    rep_on = repetition_penalty != 1.0 and history is not None and history.numel() > 0
+    counted = history if generated is None else generated
+    openai_on = (
+        (frequency_penalty != 0.0 or presence_penalty != 0.0) and counted is not None and counted.numel() > 0
+    )
+    if not (rep_on or openai_on):
+        return logits
+    out = logits.clone()
+    if rep_on:
+        ids = history.to(out.device)
+        valid = ids >= 0
+        if repetition_window is not None and ids.shape[1] > repetition_window:
+            real_from_end = valid.flip(1).cumsum(1).flip(1)
+            valid = valid & (real_from_end <= repetition_window)
+        _scatter_distinct(
+            out, ids, valid, lambda v: torch.where(v > 0, v / repetition_penalty, v * repetition_penalty)
+        )
+    if openai_on:
+        ids = counted.to(out.device)
+        valid = ids >= 0
+        if presence_penalty != 0.0:
+            _scatter_distinct(out, ids, valid, lambda v: v - presence_penalty)
+        if frequency_penalty != 0.0:
+            weights = valid.to(out.dtype) * -frequency_penalty
+            out.scatter_add_(1, ids.clamp(min=0), weights)
+    return out
+
+
+def _scatter_distinct(out: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, fn) -> None:
+    """Apply ``fn`` once to each distinct valid token column of each row of ``out``, in place.
+
+    Padding entries are pointed at a real token of the same row (duplicates write identical values),
+    or, in rows with no real token, write column 0 back unchanged.
+    """
+    first_valid = ids.gather(1, valid.to(torch.int8).argmax(1, keepdim=True))
+    any_valid = valid.any(1, keepdim=True)
+    safe_ids = torch.where(valid, ids, torch.where(any_valid, first_valid, 0))
+    current = out.gather(1, safe_ids)
+    out.scatter_(1, safe_ids, torch.where(any_valid, fn(current), current))
 
 
 def compact_history(history: torch.Tensor, last_n: int | None = None) -> torch.Tensor:
@@ -115,3 +183,156 @@ def add_logit_bias(logits: torch.Tensor, bias: tuple[tuple[int, float], ...]) ->
     row = torch.zeros(logits.shape[1], dtype=logits.dtype, device=logits.device)
     row[ids] = torch.tensor([value for _, value in bias], dtype=logits.dtype, device=logits.device)
     return logits + row
+
+
+# --- records ------------------------------------------------------------------------------------------
+
+
+def _penalties(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    c = ctx.config
+    return apply_penalties(
+        values,
+        ctx.history,
+        repetition_penalty=c.repetition_penalty,
+        repetition_window=c.repetition_window,
+        generated=ctx.generated,
+        frequency_penalty=c.frequency_penalty,
+        presence_penalty=c.presence_penalty,
+    )
+
+
+PENALTIES = Stage(
+    name="penalties",
+    kind="modifier",
+    params=(
+        Param(
+            "repetition_penalty",
+            float,
+            1.0,
+            number(lambda v: v > 0, "> 0 (1 = disabled)"),
+            "θ: a context token's logit becomes logit/θ if > 0, else logit·θ (HF's rule).",
+        ),
+        Param(
+            "repetition_window",
+            int | None,
+            None,
+            window,
+            "The repetition penalty reads the last this many real tokens (None: the whole context).",
+        ),
+        Param(
+            "frequency_penalty",
+            float,
+            0.0,
+            number(lambda v: True, "a finite number"),
+            "Subtracted once per occurrence of the token in the generated tokens (OpenAI).",
+        ),
+        Param(
+            "presence_penalty",
+            float,
+            0.0,
+            number(lambda v: True, "a finite number"),
+            "Subtracted once from every token present in the generated tokens (OpenAI).",
+        ),
+    ),
+    enabled=lambda c: c.repetition_penalty != 1.0 or c.frequency_penalty != 0.0 or c.presence_penalty != 0.0,
+    apply=_penalties,
+    doc=apply_penalties.__doc__.split("\n")[0],
+)
+
+
+def _dry(values: torch.Tensor, ctx: ChainContext) -> torch.Tensor:
+    c = ctx.config
+    return dry_penalty(
+        values,
+        ctx.history,
+        c.dry_multiplier,
+        c.dry_base,
+        c.dry_allowed_length,
+        c.dry_penalty_last_n,
+        c.dry_sequence_breakers,
+    )
+
+
+DRY = Stage(
+    name="dry",
+    kind="modifier",
+    params=(
+        Param(
+            "dry_multiplier",
+            float,
+            0.0,
+            number(lambda v: v >= 0, ">= 0 (0 = disabled)"),
+            "Scale of the DRY penalty.",
+        ),
+        Param(
+            "dry_base",
+            float,
+            1.75,
+            number(lambda v: v >= 1, ">= 1"),
+            "Growth of the DRY penalty per token of repeat beyond the allowed length.",
+        ),
+        Param(
+            "dry_allowed_length",
+            int,
+            2,
+            integer(lambda v: v >= 1, "an integer >= 1"),
+            "Repeats up to this long are not penalized.",
+        ),
+        Param(
+            "dry_penalty_last_n",
+            int | None,
+            None,
+            window,
+            "DRY searches the last this many real tokens (None: the whole context).",
+        ),
+        Param(
+            "dry_sequence_breakers",
+            tuple[int, ...],
+            (),
+            token_ids,
+            "Token ids a repeat never crosses (llama.cpp uses strings).",
+            schema_type=list[int] | None,
+        ),
+    ),
+    enabled=lambda c: c.dry_multiplier > 0.0,
+    apply=_dry,
+    doc="DRY: penalize the token that would extend a repeat of the context's last tokens.",
+)
+
+NO_REPEAT_NGRAM = Stage(
+    name="no_repeat_ngram",
+    kind="modifier",
+    params=(
+        Param(
+            "no_repeat_ngram_size",
+            int,
+            0,
+            integer(lambda v: v >= 0, "an integer >= 0 (0 = disabled)"),
+            "Ban every token that would repeat an n-gram of this size (HF).",
+        ),
+    ),
+    enabled=lambda c: c.no_repeat_ngram_size > 0,
+    apply=lambda v, ctx: no_repeat_ngram_ban(v, ctx.history, ctx.config.no_repeat_ngram_size),
+    doc="Ban (-inf) every token that would complete an n-gram already in the row's sequence.",
+)
+
+LOGIT_BIAS = Stage(
+    name="logit_bias",
+    kind="modifier",
+    params=(
+        Param(
+            "logit_bias",
+            tuple[tuple[int, float], ...],
+            (),
+            bias_pairs,
+            "{token_id: bias} added to the logits; -inf bans the token.",
+            schema_type=Any,
+        ),
+    ),
+    enabled=lambda c: bool(c.logit_bias),
+    apply=lambda v, ctx: add_logit_bias(v, ctx.config.logit_bias),
+    doc=add_logit_bias.__doc__.split("\n")[0],
+)
+
+RECORDS = (PENALTIES, DRY, NO_REPEAT_NGRAM, LOGIT_BIAS)
+"""This module's stages, in `STAGE_NAMES` order."""
