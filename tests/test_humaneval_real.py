@@ -24,7 +24,7 @@ def test_greedy_humaneval_on_three_problems_with_qwen_coder():
     rows = result.artifacts[HUMANEVAL_SAMPLES_FILE]
     assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert {row["status"] for row in rows} <= set(STATUSES)
-    assert all("def " in row["completion"] for row in rows)  # code was extracted from the chat replies
+    assert all("def " in row["extracted"] for row in rows)  # code was extracted from the chat replies
     assert result.metrics["pass_at_1"] == sum(row["status"] == "passed" for row in rows) / 3
     # An instruct coder solves at least one of these three easy problems greedily.
     assert result.metrics["pass_at_1"] > 0
