@@ -63,7 +63,7 @@ def test_every_config_option_composes_and_validates(group: str, option: str, pro
         return
     if (group, option) == ("prompts", "file"):
         overrides.append(f"prompts.path={prompt_file}")
-    if (group, option) == ("prompts", "humaneval"):  # opt-in, tested in tests/test_quality_app.py
+    if group == "prompts":  # code tasks' opt-in, tested in tests/test_quality_app.py
         overrides.append("eval.allow_code_execution=true")
     assert app.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
 
