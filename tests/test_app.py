@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments import app, results
-from rtdlm_experiments.prompt_sets import Prompt, bundled_sets, load_prompts
+from rtdlm_experiments.prompt_sets import Prompt, build_task, bundled_sets, load_prompts
 from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling import PRESETS
 from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
@@ -80,7 +80,7 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
         # Groups first: a field override like decoder.exit_layer applies to the chosen decoder.
         ordered = [f"{key}={value}" for key, value in sorted(job.items(), key=lambda item: "." in item[0])]
         cfg = compose_config(f"sweep={sweep}", *ordered)
-        if cfg.prompts.name == "humaneval":  # a preset never opts in to running code for the user
+        if build_task(cfg.prompts).needs_code_execution:  # a preset never opts in to running code for the user
             assert not cfg.eval.allow_code_execution
             with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
                 app.prepare_job(cfg)
