@@ -80,7 +80,7 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
         # Groups first: a field override like decoder.exit_layer applies to the chosen decoder.
         ordered = [f"{key}={value}" for key, value in sorted(job.items(), key=lambda item: "." in item[0])]
         cfg = compose_config(f"sweep={sweep}", *ordered)
-        if build_task(cfg.prompts).needs_code_execution:  # a preset never opts in to running code for the user
+        if build_task(cfg.prompts).needs_code_execution:  # a preset never opts in to running code
             assert not cfg.eval.allow_code_execution
             with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
                 app.prepare_job(cfg)
