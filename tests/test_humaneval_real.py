@@ -18,7 +18,8 @@ def test_greedy_humaneval_on_three_problems_with_qwen_coder():
         cfg = compose(
             "config",
             overrides=["model=qwen2.5-coder-0.5b", "sampling=deterministic", "prompts=humaneval",
-                       "prompts.limit=3", "max_new_tokens=128", "eval.allow_code_execution=true"],
+                       "prompts.limit=3", "prompts.shuffle=false", "max_new_tokens=128",
+                       "eval.allow_code_execution=true"],
         )  # fmt: skip
     result = app.run_job(app.prepare_job(cfg))
     rows = result.artifacts[HUMANEVAL_SAMPLES_FILE]
