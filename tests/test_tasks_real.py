@@ -12,8 +12,8 @@ from mlflow import MlflowClient
 from rtdlm_experiments.results import RESULTS_FILE
 
 CASES = {
-    "gsm8k": (["max_new_tokens=256"], "accuracy"),
-    "mbpp": (["max_new_tokens=160", "eval.allow_code_execution=true"], "pass_at_1"),
+    "gsm8k": (["max_new_tokens=128"], "accuracy"),  # short of a whole CoT: the last number is scored
+    "mbpp": (["max_new_tokens=128", "eval.allow_code_execution=true"], "pass_at_1"),
     "triviaqa": (["max_new_tokens=24"], "exact_match"),
     "nq_open": (["max_new_tokens=24"], "exact_match"),
 }
@@ -21,11 +21,11 @@ CASES = {
 
 @pytest.mark.real_model
 @pytest.mark.slow
-@pytest.mark.parametrize("task", sorted(CASES))
+@pytest.mark.parametrize("task", ["triviaqa", "nq_open", "mbpp", "gsm8k"])  # cheapest first
 def test_three_problems_of_each_task_through_the_cli(task: str, run_cli, tmp_path: Path):
     overrides, metric = CASES[task]
     done = run_cli("model=qwen2.5-coder-0.5b", "sampling=deterministic", f"prompts={task}", "prompts.limit=3",
-                   *overrides, timeout=900)  # fmt: skip
+                   *overrides, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     (job_dir,) = [path.parent for path in (tmp_path / "outputs").rglob(RESULTS_FILE)]
     record = json.loads((job_dir / RESULTS_FILE).read_text())
