@@ -39,8 +39,9 @@ def test_three_problems_of_each_task_through_the_cli(task: str, run_cli, tmp_pat
         assert all("def " in row["extracted"] for row in rows)  # code came out of the replies
     else:  # an answer came out of each reply (a number for GSM8K, a line for the QA sets)
         assert sum(bool(row["extracted"]) for row in rows) >= 2
-    client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
-    (run,) = client.search_runs(client.search_experiments()[0].experiment_id)
+    tracked = json.loads((job_dir / "mlflow_run.json").read_text())
+    client = MlflowClient(tracked["tracking_uri"])
+    run = client.get_run(tracked["run_id"])
     assert run.data.metrics[metric] == pytest.approx(metrics[metric])
     logged = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {samples, f"{task}_samples_table.json"} <= logged

@@ -72,7 +72,9 @@ def number_record(item: Generation) -> SampleRecord:
                         {"correct": score}, extracted, detail)  # fmt: skip
 
 
-QA_CHAT_INSTRUCTION = "Answer the question with a short answer only (a few words), no explanation."
+QA_CHAT_INSTRUCTION = (
+    "Reply with only the answer itself (a name, number or short phrase), not a sentence, no explanation."
+)
 QA_RAW_STOPS = ("\n",)
 QA_CHAT_STOPS = ("\n\n",)
 
