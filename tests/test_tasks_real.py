@@ -27,7 +27,7 @@ def test_three_problems_of_each_task_through_the_cli(task: str, run_cli, tmp_pat
     done = run_cli("model=qwen2.5-coder-0.5b", "sampling=deterministic", f"prompts={task}", "prompts.limit=3",
                    *overrides, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    (job_dir,) = [path.parent for path in (tmp_path / "outputs").rglob(RESULTS_FILE)]
+    (job_dir,) = [path.parent for path in (tmp_path / "outputs" / "runs").rglob(RESULTS_FILE)]
     record = json.loads((job_dir / RESULTS_FILE).read_text())
     metrics = record["metrics"]
     assert 0.0 <= metrics[f"{metric}_ci_low"] <= metrics[metric] <= metrics[f"{metric}_ci_high"] <= 1.0
