@@ -42,6 +42,7 @@ def test_three_problems_of_each_task_through_the_cli(task: str, run_cli, tmp_pat
     tracked = json.loads((job_dir / "mlflow_run.json").read_text())
     client = MlflowClient(tracked["tracking_uri"])
     run = client.get_run(tracked["run_id"])
-    assert run.data.metrics[metric] == pytest.approx(metrics[metric])
+    logged_metrics = {name.rsplit("/", 1)[-1]: value for name, value in run.data.metrics.items()}
+    assert logged_metrics[metric] == pytest.approx(metrics[metric])
     logged = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {samples, f"{task}_samples_table.json"} <= logged
