@@ -251,7 +251,8 @@ def _evaluate(
         output.token_ids, output.model_logprobs, output.entropies, output.num_kept,
     )  # fmt: skip
     evaluation = evaluate_job(
-        generations, chat_template=spec.chat_template, execution=spec.execution, judge_nll=judge_nll
+        generations, chat_template=spec.chat_template, execution=spec.execution, task=spec.task,
+        judge_nll=judge_nll,
     )
     timings["evaluation_seconds"] = time.perf_counter() - tick
     return evaluation

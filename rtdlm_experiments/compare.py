@@ -15,26 +15,28 @@ import json
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.evaluation import HUMANEVAL_SAMPLES_FILE
 from rtdlm_experiments.metrics import distinct_n, ends_in_loop, seq_rep_n
 from rtdlm_experiments.metrics.repetition import repeats_within
 from rtdlm_experiments.results import GENERATIONS_FILE, RESULTS_FILE, load_job
 from rtdlm_experiments.stats import RESAMPLES, paired_comparison
 from rtdlm_experiments.tasks import answers
+from rtdlm_experiments.tasks.base import SAMPLES_SUFFIX
 
 RowKey = tuple[int, int]
+_ANSWER_METRICS = ("exact_match", "contains_answer")
+_RECORD_FIELDS = ("prompt_index", "task_id", "sample", "status", "detail", "extracted", "completion")
 
 
 @dataclass
 class LoadedJob:
     label: str
     generations: list[dict[str, Any]]
-    passed: dict[RowKey, bool]
-    """HumanEval jobs: whether each (prompt, sample) passed its tests; empty otherwise."""
+    scored: dict[RowKey, dict[str, float]] = field(default_factory=dict)
+    """The task's per-sample values of each (prompt, sample) (``<task>_samples.jsonl``); empty if none."""
 
 
 def row_metrics(row: Mapping[str, Any]) -> dict[str, float]:
@@ -68,8 +70,9 @@ def per_row_values(job: LoadedJob) -> dict[str, dict[RowKey, float]]:
     for row in job.generations:
         key = (int(row["prompt_index"]), int(row["sample_index"]))
         metrics = row_metrics(row)
-        if key in job.passed:
-            metrics = {"pass": float(job.passed[key])} | metrics
+        if job.scored:  # the task's scores replace the generic answer checks
+            metrics = {name: value for name, value in metrics.items() if name not in _ANSWER_METRICS}
+            metrics = job.scored.get(key, {}) | metrics
         for name, value in metrics.items():
             values.setdefault(name, {})[key] = value
     return values
@@ -96,16 +99,28 @@ def compare_jobs(a: LoadedJob, b: LoadedJob, resamples: int = RESAMPLES) -> list
 
 
 def load_job_folder(path: Path) -> LoadedJob:
-    """A job folder's generations and, for HumanEval jobs, its per-sample results."""
+    """A job folder's generations and its task's per-sample records."""
     _, generations = load_job(path)
-    return LoadedJob(str(path), generations, _passed(path / HUMANEVAL_SAMPLES_FILE))
+    scored: dict[RowKey, dict[str, float]] = {}
+    for file in sorted(path.glob(f"*{SAMPLES_SUFFIX}")):
+        for key, values in sample_values(file).items():
+            scored.setdefault(key, {}).update(values)
+    return LoadedJob(str(path), generations, scored)
 
 
-def _passed(path: Path) -> dict[RowKey, bool]:
-    if not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return {(int(row["prompt_index"]), int(row["sample"])): row["status"] == "passed" for row in rows}
+def sample_values(path: Path) -> dict[RowKey, dict[str, float]]:
+    """``{(prompt_index, sample): {value name: value}}`` of a ``<task>_samples.jsonl`` file: its numeric
+    columns (a file without any, as HumanEval's before tasks had values: ``pass`` from ``status``)."""
+    values: dict[RowKey, dict[str, float]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        numbers = {name: float(value) for name, value in row.items()
+                   if name not in _RECORD_FIELDS and isinstance(value, int | float)}  # fmt: skip
+        key = (int(row["prompt_index"]), int(row["sample"]))
+        values[key] = numbers or {"pass": float(row["status"] == "passed")}
+    return values
 
 
 def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
@@ -116,7 +131,8 @@ def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
 
     uri = resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
-        for name in (RESULTS_FILE, GENERATIONS_FILE, HUMANEVAL_SAMPLES_FILE):
+        names = [RESULTS_FILE, GENERATIONS_FILE, *_samples_files(run_id, uri)]
+        for name in names:
             try:
                 mlflow.artifacts.download_artifacts(
                     run_id=run_id, artifact_path=name, dst_path=folder, tracking_uri=uri
@@ -125,7 +141,15 @@ def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
                 if name == GENERATIONS_FILE:
                     raise SystemExit(f"error: run {run_id} at {uri} has no {name}: {err}") from None
         job = load_job_folder(Path(folder))
-    return LoadedJob(f"run {run_id}", job.generations, job.passed)
+    return LoadedJob(f"run {run_id}", job.generations, job.scored)
+
+
+def _samples_files(run_id: str, uri: str) -> list[str]:
+    """The run's top-level ``<task>_samples.jsonl`` artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    artifacts = MlflowClient(tracking_uri=uri).list_artifacts(run_id)
+    return [item.path for item in artifacts if item.path.endswith(SAMPLES_SUFFIX)]
 
 
 def folder_problem(reference: str) -> str | None:

@@ -1,38 +1,35 @@
-"""Prompt sets: the ones bundled with the package (``prompts/<name>.jsonl``), the HumanEval problems, or a
-user's .txt/.jsonl file.
+"""Prompt sets and tasks: the ``prompts`` config → its `Task` (``prompts._target_``) → the problems a job
+asks, and the stop strings it uses. The bundled sets (``prompts/<name>.jsonl``) and a user's .txt/.jsonl
+file are `rtdlm_experiments.tasks.prompt_file.PromptSetTask`; benchmarks (HumanEval, GSM8K, MBPP, TriviaQA,
+NQ-open) have their own task classes. Nothing here depends on which task it is.
 
-A ``.jsonl`` line is ``{"text": ..., "category": ..., "answer": ...}`` with only ``text`` required;
-``answer`` (a string or a list of acceptable strings) is the reference for short-answer scoring
-(`rtdlm_experiments.tasks.answers`).
+A ``.jsonl`` line is ``{"text": ..., "category": ..., "answer": ..., "scorer": ..., "tests": ...}`` with
+only ``text`` required; ``answer`` (a string or a list of acceptable strings) is the reference for
+short-answer scoring, ``scorer`` (``numeric`` or ``regex``) how it is compared, ``tests`` Python that
+raises when the reply's code is wrong (`rtdlm_experiments.tasks.prompt_file`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.schema import ConfigError
-from rtdlm_experiments.tasks import humaneval
+from hydra.utils import get_method
+
+from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.tasks.base import Prompt, Task, select_problems
+
+__all__ = ["Prompt", "build_task", "load_prompts", "stop_strings"]
 
 FILE_SOURCE = "file"
 """``prompts.name`` value that reads ``prompts.path`` instead of a bundled set."""
-HUMANEVAL_SOURCE = "humaneval"
-"""``prompts.name`` value for the 164 HumanEval problems (asked as a chat turn or continued raw, following
-``prompts.chat_template``)."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    category: str = ""
-    answer: str | tuple[str, ...] | None = None
-    """Reference answer(s) for short-answer scoring; None when the prompt has none."""
-    task_id: str = ""
-    """The task the prompt poses (e.g. ``HumanEval/0``), for scoring that needs more than the text."""
+PROMPT_SET_TARGET = "rtdlm_experiments.tasks.prompt_file.PromptSetTask"
+"""The task of a ``prompts`` config without ``_target_``: a bundled set or a file."""
+_GENERIC_KEYS = ("_target_", "limit", "shuffle", "chat_template", "stop_strings")
 
 
 def bundled_sets() -> list[str]:
@@ -46,67 +43,68 @@ def bundled_sets() -> list[str]:
 MAX_PROMPTS = 100_000
 
 
-def load_prompts(cfg: Mapping[str, Any]) -> list[Prompt]:
-    """The prompts a ``prompts`` config (``name``, ``path``, ``limit``) selects; ConfigError if unusable."""
-    name, limit = cfg["name"], cfg.get("limit")
+def task_configs() -> list[str]:
+    """Names of the ``prompts`` config group (``prompts=<name>``)."""
+    return sorted(path.stem for path in (Path(config_dir()) / "prompts").glob("*.yaml"))
+
+
+def build_task(cfg: Mapping[str, Any]) -> Task:
+    """The `Task` a ``prompts`` config names: its ``_target_`` called with the task's own fields
+    (``name``, and ``path`` when set); ConfigError when it cannot be built."""
+    target = cfg.get("_target_") or PROMPT_SET_TARGET
+    fields = {key: value for key, value in cfg.items() if key not in _GENERIC_KEYS and value is not None}
+    try:
+        return get_method(target)(**fields)
+    except Exception as err:
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(f"prompts._target_={target!r} is invalid with {fields}: {message}") from err
+
+
+def load_prompts(cfg: Mapping[str, Any], task: Task | None = None) -> list[Prompt]:
+    """The problems a ``prompts`` config (``limit``, ``shuffle``, ``chat_template``) selects of its task;
+    ConfigError if unusable."""
+    limit = cfg.get("limit")
     if limit is not None and not 1 <= limit <= MAX_PROMPTS:
         raise ConfigError(f"prompts.limit={limit} is invalid: must be in [1, {MAX_PROMPTS}], or null for all")
-    if name == FILE_SOURCE:
-        prompts = read_prompt_file(cfg.get("path"))
-    elif name == HUMANEVAL_SOURCE:
-        prompts = humaneval_prompts(chat_template=bool(cfg.get("chat_template", True)))
-    elif name in bundled_sets():
-        bundled = resources.files("rtdlm_experiments") / "prompts" / f"{name}.jsonl"
-        prompts = _parse_jsonl(bundled.read_text(encoding="utf-8"), source=f"bundled set {name!r}")
-    else:
+    task = task or build_task(cfg)
+    problems = task.problems(chat_template=bool(cfg.get("chat_template", True)))
+    if not problems:
+        raise ConfigError(f"prompts: {cfg.get('path') or cfg['name']} holds no prompts")
+    if limit is None and len(problems) > MAX_PROMPTS:
         raise ConfigError(
-            f"prompts.name={name!r} is invalid: must be a bundled set {bundled_sets()},"
-            f" {HUMANEVAL_SOURCE!r} or {FILE_SOURCE!r}"
+            f"prompts: {len(problems)} prompts is invalid: at most {MAX_PROMPTS} (set prompts.limit)"
         )
-    if not prompts:
-        raise ConfigError(f"prompts: {name if name != FILE_SOURCE else cfg.get('path')} holds no prompts")
-    if len(prompts[:limit]) > MAX_PROMPTS:
-        raise ConfigError(
-            f"prompts: {len(prompts)} prompts is invalid: at most {MAX_PROMPTS} (set prompts.limit)"
-        )
-    return prompts[:limit]
+    shuffle = cfg.get("shuffle")
+    return select_problems(problems, limit, task.shuffle_by_default if shuffle is None else bool(shuffle))
 
 
-def stop_strings(cfg: Mapping[str, Any]) -> tuple[str, ...]:
-    """The stop strings of a ``prompts`` config: its ``stop_strings``, or when that is null the set's own
-    (HumanEval continued raw: where the function ends; HumanEval as a chat: where the reply's code block
-    closes; every other set: none).
+def stop_strings(cfg: Mapping[str, Any], task: Task | None = None) -> tuple[str, ...]:
+    """The stop strings of a ``prompts`` config: its ``stop_strings``, or when that is null the task's own.
 
     >>> stop_strings({"name": "default", "stop_strings": ["\\n\\n"]}), stop_strings({"name": "default"})
     (('\\n\\n',), ())
-    >>> "\\ndef " in stop_strings({"name": "humaneval", "chat_template": False})
-    True
-    >>> stop_strings({"name": "humaneval", "chat_template": True})
-    ('\\n```\\n',)
     """
     configured = cfg.get("stop_strings")
     if configured is None:
-        if cfg["name"] != HUMANEVAL_SOURCE:
-            return ()
-        chat = cfg.get("chat_template", True)
-        return humaneval.CHAT_STOP_SEQUENCES if chat else humaneval.STOP_SEQUENCES
+        return (task or build_task(cfg)).stop_strings(bool(cfg.get("chat_template", True)))
     strings = tuple(configured)
     if not all(isinstance(string, str) and string for string in strings):
         raise ConfigError(f"prompts.stop_strings={list(strings)!r} is invalid: must be non-empty strings")
     return strings
 
 
-def needs_code_execution(prompts: Sequence[Prompt]) -> bool:
-    """Whether scoring these prompts runs model-written code (HumanEval problems)."""
-    return any(prompt.task_id.startswith(humaneval.TASK_PREFIX) for prompt in prompts)
-
-
-def humaneval_prompts(chat_template: bool) -> list[Prompt]:
-    """The HumanEval problems in order, as a user turn (``chat_template``) or the raw prompt to continue."""
-    return [
-        Prompt(humaneval.prompt_text(problem, chat_template), "code", task_id=problem.task_id)
-        for problem in humaneval.load_problems()
-    ]
+def read_set(name: str, path: str | None) -> list[Prompt]:
+    """A bundled set's prompts, or the file's when ``name`` is ``file``."""
+    if name == FILE_SOURCE:
+        return read_prompt_file(path)
+    if name not in bundled_sets():
+        tasks = [task for task in task_configs() if task not in (*bundled_sets(), FILE_SOURCE)]
+        raise ConfigError(
+            f"prompts.name={name!r} is invalid: must be a bundled set {bundled_sets()} or {FILE_SOURCE!r}"
+            f", or pick a task with prompts=<task> (one of {tasks})"
+        )
+    bundled = resources.files("rtdlm_experiments") / "prompts" / f"{name}.jsonl"
+    return _parse_jsonl(bundled.read_text(encoding="utf-8"), source=f"bundled set {name!r}")
 
 
 def read_prompt_file(path: str | None) -> list[Prompt]:
@@ -169,6 +167,29 @@ def _parse_answer(value: Any) -> str | tuple[str, ...] | None:
     raise TypeError(f"'answer' must be a string or a non-empty list of strings, not {value!r}")
 
 
+SCORERS = ("numeric", "regex")
+
+
+def _parse_scoring(record: Mapping[str, Any]) -> tuple[str, str]:
+    """A line's ``scorer`` and ``tests``, checked: a scorer needs an answer, a regex must compile.
+
+    >>> _parse_scoring({"answer": "4", "scorer": "numeric"}), _parse_scoring({"tests": "assert f() == 1"})
+    (('numeric', ''), ('', 'assert f() == 1'))
+    """
+    scorer, tests = record.get("scorer") or "", record.get("tests") or ""
+    if scorer and scorer not in SCORERS:
+        raise ValueError(f"'scorer' must be one of {SCORERS}, not {scorer!r}")
+    if scorer and record.get("answer") is None:
+        raise ValueError(f"'scorer': {scorer!r} needs an 'answer'")
+    if scorer == "regex":
+        answer = record["answer"]
+        for pattern in [answer] if isinstance(answer, str) else answer:
+            re.compile(pattern)
+    if not isinstance(tests, str):
+        raise TypeError("'tests' must be a string of Python")
+    return scorer, tests
+
+
 def _parse_jsonl(content: str, source: str) -> list[Prompt]:
     prompts = []
     for line_number, line in enumerate(content.splitlines(), start=1):
@@ -184,12 +205,14 @@ def _parse_jsonl(content: str, source: str) -> list[Prompt]:
                     _string_field(record, "category"),
                     _parse_answer(record.get("answer")),
                     _string_field(record, "task_id"),
+                    *_parse_scoring(record),
                 )
             )
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, re.error) as err:
             raise ConfigError(
                 f"prompts: line {line_number} of {source} is invalid: need a JSON object with a 'text' field"
-                f" (a string) and optional strings 'category', 'task_id', 'answer' (or a list of strings)"
+                f" (a string) and optional strings 'category', 'task_id', 'answer' (or a list of strings),"
+                f" 'scorer' (numeric|regex, with 'answer'), 'tests' (Python)"
                 f" ({type(err).__name__}: {err})"
             ) from err
     return prompts

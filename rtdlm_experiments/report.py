@@ -31,6 +31,7 @@ from rtdlm_experiments.results import (
     load_job,
 )
 from rtdlm_experiments.schema import output_root
+from rtdlm_experiments.task_summary import task_verdicts, verdicts_markdown
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,6 +42,7 @@ CONFIG_COLUMNS = {
     "model": "params.model.name",
     "preset": "params.sampling.preset",
     "decoder": "params.decoder.name",
+    "task": "params.prompts.name",
 }
 """Report column → run column describing the job."""
 
@@ -161,7 +163,7 @@ def summary_figure(table: pd.DataFrame) -> Figure:
     return figure
 
 
-QUALITY_METRICS = ("pass_at_1", "contains_answer", "exact_match", "judge_perplexity")
+QUALITY_METRICS = ("pass_at_1", "accuracy", "contains_answer", "exact_match", "judge_perplexity")
 """Quality metrics in order of preference for the summary plot."""
 
 
@@ -179,6 +181,7 @@ _AXIS_LABELS = {
     "seq_rep_4": "seq-rep-4 (lower = less repetition)",
     "judge_perplexity": "judge perplexity (lower = better)",
     "pass_at_1": "pass@1 (higher = better)",
+    "accuracy": "accuracy (higher = better)",
     "contains_answer": "contains the answer (higher = better)",
     "exact_match": "exact match (higher = better)",
 }
@@ -323,11 +326,17 @@ def write_report(table: pd.DataFrame, out_dir: Path, stem: str = "report") -> di
 
 def summarize_sweep(sweep_dir: Path) -> dict[str, Path]:
     """Summary table (CSV, Markdown) and plot of every job of the sweep, from the saved records, written
-    to the sweep folder; returns their paths (empty when no job saved a record)."""
+    to the sweep folder, and, when a task has several jobs, per task its best job against the runner-up
+    (`rtdlm_experiments.task_summary`); returns their paths (empty when no job saved a record)."""
     records = [load_job(job_dir)[0] for job_dir in job_dirs(sweep_dir)]
     if not records:
         return {}
-    return write_report(summary_table(records_frame(records)), sweep_dir, stem=SUMMARY_STEM)
+    paths = write_report(summary_table(records_frame(records)), sweep_dir, stem=SUMMARY_STEM)
+    verdicts = task_verdicts(job_dirs(sweep_dir))
+    if any(verdict.runner_up is not None for verdict in verdicts):
+        paths["tasks_md"] = sweep_dir / f"{SUMMARY_STEM}_tasks.md"
+        paths["tasks_md"].write_text(verdicts_markdown(verdicts) + "\n", encoding="utf-8")
+    return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -39,7 +39,9 @@ CONFIG_HASH_TAG = "config_hash"
 KEY_METRICS = (
     "pass_at_1",
     "pass_at_10",
+    "accuracy",
     "exact_match",
+    "f1",
     "contains_answer",
     "judge_perplexity",
     "distinct_2",

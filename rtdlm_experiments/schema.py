@@ -161,12 +161,19 @@ class PromptLookupSchema(DraftingSchema):
 
 @dataclass
 class PromptsSchema:
-    """``name``: a prompt set bundled with the package, or ``file`` to read ``path`` (.txt or .jsonl)."""
+    """``name``: a prompt set bundled with the package, or ``file`` to read ``path`` (.txt or .jsonl), or
+    a task's name; ``_target_``: the `Task` (`rtdlm_experiments.tasks.base`) that holds it."""
 
+    _target_: str | None = None
+    """The task's class (called with ``name`` and ``path``); null: a bundled set or file."""
     name: str = "default"
     path: str | None = None
     limit: int | None = None
-    """Use only the first ``limit`` prompts (quick runs, tests)."""
+    """Use only ``limit`` prompts (quick runs, tests): the first ``limit`` of a fixed, seeded shuffle, or
+    of the file's order when ``shuffle`` is false."""
+    shuffle: bool | None = None
+    """Whether ``limit`` samples the problems (a fixed shuffle) or takes the file's first; null: the
+    task's default (benchmarks: true; prompt sets and files: false)."""
     chat_template: bool = True
     """Wrap each prompt as a user turn with the tokenizer's chat template, when it has one."""
     stop_strings: list[str] | None = None

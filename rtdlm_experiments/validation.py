@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments.evaluation import ExecutionSettings, check_code_execution, execution_settings
 from rtdlm_experiments.models import ModelPreparationError, validate_model_config
-from rtdlm_experiments.prompt_sets import Prompt, load_prompts, stop_strings
+from rtdlm_experiments.prompt_sets import Prompt, build_task, load_prompts, stop_strings
 from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.tasks.base import Task
 from sampling import SamplingConfig, get_preset
 from sampling.decoding.speculation_policy import POLICIES
 
@@ -63,6 +64,8 @@ class JobSpec:
     execution: ExecutionSettings = field(default_factory=ExecutionSettings)
     judge_model: str | None = None
     judge_batch_size: int = 4
+    task: Task | None = None
+    """The task that scores the generations (None: a prompt set's answers only)."""
 
 
 def sampling_config(cfg: Mapping[str, Any], seed: int | None = None) -> SamplingConfig:
@@ -198,13 +201,14 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
     validate_model(model_cfg, field_name="model")
     decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
     validate_decoder_config(decoder_cfg)
-    prompts = load_prompts(cfg.prompts)
+    task = build_task(cfg.prompts)
+    prompts = load_prompts(cfg.prompts, task)
     check_job_size(len(prompts), cfg.num_samples, cfg.max_new_tokens)
     execution = execution_settings(cfg.get("eval") or {})
     check_range("eval.timeout_s", execution.timeout_s, 0.001, MAX_TIMEOUT_S)
     if execution.workers is not None:
         check_range("eval.workers", execution.workers, 1, MAX_WORKERS)
-    check_code_execution(prompts, execution)
+    check_code_execution(task, execution)
     judge = cfg.get("judge") or {}
     if judge.get("model") is not None:
         validate_model(judge["model"], field_name="judge.model")
@@ -219,11 +223,12 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
         max_new_tokens=cfg.max_new_tokens,
         num_samples=cfg.num_samples,
         batch_size=cfg.batch_size,
-        stop_strings=_bounded_stop_strings(stop_strings(cfg.prompts)),
+        stop_strings=_bounded_stop_strings(stop_strings(cfg.prompts, task)),
         ignore_eos=bool(cfg.get("ignore_eos", False)),
         execution=execution,
         judge_model=judge.get("model"),
         judge_batch_size=judge.get("batch_size", 4),
+        task=task,
     )
 
 

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments import app, results
-from rtdlm_experiments.prompt_sets import Prompt, bundled_sets, load_prompts
+from rtdlm_experiments.prompt_sets import Prompt, build_task, bundled_sets, load_prompts
 from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling import PRESETS
 from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
@@ -63,7 +63,7 @@ def test_every_config_option_composes_and_validates(group: str, option: str, pro
         return
     if (group, option) == ("prompts", "file"):
         overrides.append(f"prompts.path={prompt_file}")
-    if (group, option) == ("prompts", "humaneval"):  # opt-in, tested in tests/test_quality_app.py
+    if group == "prompts":  # code tasks' opt-in, tested in tests/test_quality_app.py
         overrides.append("eval.allow_code_execution=true")
     assert app.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
 
@@ -80,7 +80,7 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
         # Groups first: a field override like decoder.exit_layer applies to the chosen decoder.
         ordered = [f"{key}={value}" for key, value in sorted(job.items(), key=lambda item: "." in item[0])]
         cfg = compose_config(f"sweep={sweep}", *ordered)
-        if cfg.prompts.name == "humaneval":  # a preset never opts in to running code for the user
+        if build_task(cfg.prompts).needs_code_execution:  # a preset never opts in to running code
             assert not cfg.eval.allow_code_execution
             with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
                 app.prepare_job(cfg)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm_experiments.prompt_sets import HUMANEVAL_SOURCE, Prompt, load_prompts
+from rtdlm_experiments.prompt_sets import Prompt, load_prompts
 from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.tasks.answers import contains_answer
 
@@ -67,7 +67,7 @@ def test_every_factual_prompt_of_the_default_set_has_an_answer_a_correct_reply_c
 
 @pytest.mark.parametrize("chat_template", [True, False])
 def test_humaneval_set_has_164_code_prompts_with_task_ids(chat_template: bool):
-    prompts = load_prompts({"name": HUMANEVAL_SOURCE, "chat_template": chat_template})
+    prompts = load_prompts({**HUMANEVAL, "chat_template": chat_template})
     assert len(prompts) == 164
     assert [prompt.task_id for prompt in prompts[:2]] == ["HumanEval/0", "HumanEval/1"]
     assert {prompt.category for prompt in prompts} == {"code"}
@@ -75,9 +75,12 @@ def test_humaneval_set_has_164_code_prompts_with_task_ids(chat_template: bool):
     assert first.startswith("Complete the following") if chat_template else first.startswith("from typing")
 
 
-def test_humaneval_limit_keeps_the_first_problems():
-    prompts = load_prompts({"name": HUMANEVAL_SOURCE, "limit": 3, "chat_template": False})
+def test_humaneval_limit_without_shuffle_keeps_the_first_problems():
+    prompts = load_prompts({**HUMANEVAL, "limit": 3, "shuffle": False, "chat_template": False})
     assert [prompt.task_id for prompt in prompts] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+
+
+HUMANEVAL = {"_target_": "rtdlm_experiments.tasks.code_tasks.HumanEvalTask", "name": "humaneval"}
 
 
 def test_unknown_set_error_names_humaneval():

@@ -58,7 +58,8 @@ def test_humaneval_job_needs_the_opt_in_before_any_model_loads(monkeypatch: pyte
 
 def test_humaneval_job_scores_pass_at_k_with_per_problem_rows(tmp_path: Path):
     spec = app.prepare_job(
-        compose_config("prompts=humaneval", "prompts.limit=2", "num_samples=2", "max_new_tokens=6",
+        compose_config("prompts=humaneval", "prompts.limit=2", "prompts.shuffle=false", "num_samples=2",
+                       "max_new_tokens=6",
                        "eval.allow_code_execution=true", "eval.timeout_s=10")
     )  # fmt: skip
     result = app.run_job(spec)
