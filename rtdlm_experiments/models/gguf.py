@@ -166,10 +166,42 @@ def gguf_file_for(spec: ModelSpec, progress: bool = True) -> Path:
     os.close(handle)
     try:
         join_and_verify(parts, Path(temporary), spec.sha256, spec.size, progress=progress)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(temporary, path)
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def gguf_tokenizer_dir(spec: ModelSpec, progress: bool = True) -> Path:
+    """A directory holding the model's HF tokenizer (what ``AutoTokenizer.from_pretrained`` loads): its
+    safetensors cache when prepared, else one saved next to the GGUF file the first time (building a
+    tokenizer from GGUF metadata takes about a minute; loading the saved one, a second)."""
+    prepared = cache_dir_for(spec)
+    if is_prepared(prepared):
+        return prepared
+    saved = prepared.with_name(f"{prepared.name}.tokenizer")
+    if (saved / _READY_MARKER).is_file():
+        return saved
+    from transformers import AutoTokenizer
+
+    gguf_path = gguf_file_for(spec, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
+    work = Path(tempfile.mkdtemp(prefix=f".{saved.name}.tmp-", dir=saved.parent))
+    try:
+        tokenizer.save_pretrained(work)
+        (work / _READY_MARKER).write_text(json.dumps({"name": spec.name, "sha256": spec.sha256}))
+        shutil.rmtree(saved, ignore_errors=True)
+        try:
+            os.rename(work, saved)
+        except OSError:
+            if not (saved / _READY_MARKER).is_file():  # not merely another process finishing first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return saved
 
 
 def is_prepared(path: Path) -> bool:

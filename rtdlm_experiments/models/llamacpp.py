@@ -76,6 +76,9 @@ class LlamaCppCausalLM:
         lib = self._lib = _bindings()
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
+        # No repacked/AMX weight buffers: on this project's VM the CPU advertises AMX but using it dies
+        # with SIGILL inside llama_decode; the plain kernels also compute each row on its own.
+        model_params.use_extra_bufts = False
         self._model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")

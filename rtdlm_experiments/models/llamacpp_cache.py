@@ -18,6 +18,7 @@ calls for refill batching: they move sequence ids, never KV data.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 
@@ -162,9 +163,13 @@ class LlamaCppCache:
             self._pool.give_back(list(seq_ids))
 
     def __del__(self) -> None:
+        # No tensor work here: at interpreter exit torch may be half torn down.
+        if sys.is_finalizing():
+            return
         try:
-            self.release()
-        except Exception:  # the model may be gone already at interpreter exit
+            self._free(self.seq_ids)
+            self.seq_ids = []
+        except Exception:  # the model may be gone already
             pass
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from rtdlm_experiments.models.engines import LlamaCppSettings, llamacpp_settings
-from rtdlm_experiments.models.gguf import cache_dir_for, gguf_file_for, is_prepared, prepare_gguf_model
+from rtdlm_experiments.models.gguf import gguf_file_for, gguf_tokenizer_dir, prepare_gguf_model
 from rtdlm_experiments.models.hf_adapter import HFCausalLM
 from rtdlm_experiments.models.hf_dir import check_local_dir, load_hf_dir
 from rtdlm_experiments.models.registry import _config_mapping, resolve_model_config, resolve_model_engine
@@ -62,15 +62,11 @@ _LOADERS: dict[SourceKind, Callable[[ModelSpec, torch.dtype, torch.device], Load
 """The loader of each ``ModelSpec.source``."""
 
 
-def _gguf_tokenizer(spec: ModelSpec, gguf_path: Path) -> Any:
-    """The HF tokenizer of a GGUF model: from its safetensors cache when prepared, else read from the GGUF
-    file's metadata (no weights are converted), so both engines encode text to the same ids."""
+def _gguf_tokenizer(spec: ModelSpec) -> Any:
+    """The HF tokenizer of a GGUF model (no weights converted): both engines encode text to the same ids."""
     from transformers import AutoTokenizer
 
-    prepared = cache_dir_for(spec)
-    if is_prepared(prepared):
-        return AutoTokenizer.from_pretrained(prepared, local_files_only=True)
-    return AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(gguf_tokenizer_dir(spec), local_files_only=True)
 
 
 def _load_llamacpp(spec: ModelSpec, settings: LlamaCppSettings) -> Any:
@@ -80,7 +76,7 @@ def _load_llamacpp(spec: ModelSpec, settings: LlamaCppSettings) -> Any:
     if key not in _LOADED_LLAMACPP:
         start = time.perf_counter()
         path = gguf_file_for(spec)
-        tokenizer = _gguf_tokenizer(spec, path)
+        tokenizer = _gguf_tokenizer(spec)
         model = LlamaCppCausalLM(path, settings, tokenizer, spec.name, spec.extra_eos_token_ids)
         logger.info("loaded %s on llama.cpp (%s) in %.1f s", spec.name, settings, time.perf_counter() - start)
         _LOADED_LLAMACPP[key] = model
