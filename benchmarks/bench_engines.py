@@ -1,4 +1,4 @@
-"""Engines: torch (dequantized fp32 weights) vs llama.cpp (the GGUF's Q4_K_M weights), same decoder, same sampler.
+"""Engines: torch (dequantized fp32 weights) vs llama.cpp (the GGUF's Q4_K_M weights), one decoder and sampler.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_engines.py [--models qwen2.5-coder-0.5b qwen2.5-coder-1.5b]
         [--batch-sizes 1 4 16 32] [--presets deterministic balanced] [--new-tokens 64] [--repeats 3]
@@ -26,7 +26,6 @@ that agree, reported (not asserted: Q4_K_M kernels vs dequantized fp32 differ by
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -148,7 +147,7 @@ def _decode_all(model, tokens, positions, owners, outputs) -> None:
 def run_cell(paths: dict[str, Callable[[Runs], None]], repeats: int) -> dict[str, Runs]:
     """Warm every path once, then run them alternately ``repeats`` times."""
     results = {name: Runs() for name in paths}
-    for name, path in paths.items():
+    for path in paths.values():
         path(Runs())
     for _ in range(repeats):
         for name, path in paths.items():
@@ -209,11 +208,12 @@ def main() -> None:
                 texts = [(PROMPTS["code"] + PROMPTS["story"])[i % 8] for i in range(batch)]
                 prompts = encode_prompts(torch_model, texts)
                 progress(f"{name} {preset} B={batch}")
+                job = (prompts, config, args.new_tokens)
                 cell = run_cell(
                     {
-                        "torch": lambda r, m=torch_model: ours(m, prompts, config, args.new_tokens, r),
-                        "llamacpp": lambda r, m=llama_model: ours(m, prompts, config, args.new_tokens, r),
-                        "anchor": lambda r, m=llama_model: anchor(m, prompts, config, args.new_tokens, r),
+                        "torch": lambda r, m=torch_model, j=job: ours(m, *j, r),
+                        "llamacpp": lambda r, m=llama_model, j=job: ours(m, *j, r),
+                        "anchor": lambda r, m=llama_model, j=job: anchor(m, *j, r),
                     },
                     args.repeats,
                 )
