@@ -1,4 +1,4 @@
-"""Engines: torch (dequantized fp32 weights) vs llama.cpp (the GGUF's Q4_K_M weights), one decoder and sampler.
+"""Engines: torch (dequantized fp32 weights) vs llama.cpp (the GGUF's Q4_K_M weights), same decoder + sampler.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_engines.py [--models qwen2.5-coder-0.5b qwen2.5-coder-1.5b]
         [--batch-sizes 1 4 16 32] [--presets deterministic balanced] [--new-tokens 64] [--repeats 3]
