@@ -95,53 +95,49 @@ def anchor(model, prompts: list[list[int]], config: SamplingConfig, new_tokens: 
     """llama.cpp alone: prefill all rows, then per step its sampler chain per row and one batched decode."""
     lib, rows = model._lib, len(prompts)
     cache = model.new_cache()
-    cache.ensure_rows(rows)  # takes the sequence ids; freed with the cache
+    cache.ensure_rows(rows)  # takes the sequence ids (ascending with the rows); freed with the cache
     seqs = np.asarray(cache.seq_ids, dtype=np.int32)
     chains = [_chain(lib, config, seed) for seed in range(rows)]
     try:
         start = time.perf_counter()
-        tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
-        positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
-        owners = np.concatenate([np.full(len(p), seqs[r], dtype=np.int32) for r, p in enumerate(prompts)])
-        last = np.cumsum([len(p) for p in prompts]) - 1
-        outputs = np.zeros(len(tokens), dtype=np.int8)
-        outputs[last] = 1
-        _decode_all(model, tokens, positions, owners, outputs)
+        drawn = _prefill_and_draw(model, prompts, seqs, chains)
         prefilled = time.perf_counter()
-        index = list(range(rows))  # output index of each row in the last decode
         lengths = np.asarray([len(p) for p in prompts], dtype=np.int32)
-        for step in range(new_tokens):
-            drawn = np.asarray(
-                [lib.llama_sampler_sample(chains[r], model._ctx, index[r]) for r in range(rows)]
-            )
-            if step == new_tokens - 1:
-                break
-            model._batch.fill(drawn.astype(np.int32), lengths + step, seqs, np.ones(rows, dtype=np.int8))
+        for step in range(1, new_tokens):
+            model._batch.fill(drawn, lengths + step - 1, seqs, np.ones(rows, dtype=np.int8))
             if lib.llama_decode(model._ctx, model._batch.struct) != 0:
                 raise RuntimeError("llama_decode failed")
+            drawn = np.asarray([lib.llama_sampler_sample(chains[r], model._ctx, r) for r in range(rows)])
+            drawn = drawn.astype(np.int32)
         done = time.perf_counter()
     finally:
         for chain in chains:
             lib.llama_sampler_free(chain)
         cache.release()
-    runs.decode.append(rows * new_tokens / (done - prefilled))
-    runs.prefill.append(len(tokens) / (prefilled - start))
+    runs.decode.append(rows * (new_tokens - 1) / (done - prefilled))
+    runs.prefill.append(sum(map(len, prompts)) / (prefilled - start))
     runs.share.append(float("nan"))
 
 
-def _decode_all(model, tokens, positions, owners, outputs) -> None:
-    """Prefill in llama.cpp batches; the output flags of the last chunk are the rows' last tokens (any
-    earlier chunk's outputs are dropped, which only happens when one prompt spans chunks)."""
-    chunk = model._batch.capacity
-    order = np.argsort(owners, kind="stable")
-    tokens, positions, owners, outputs = tokens[order], positions[order], owners[order], outputs[order]
-    if len(tokens) > chunk and outputs[: len(tokens) - chunk].any():
-        raise ValueError("anchor prefill: use fewer or shorter prompts than one llama.cpp batch")
+def _prefill_and_draw(model, prompts: list[list[int]], seqs: np.ndarray, chains: list) -> np.ndarray:
+    """Every prompt through llama.cpp in batches of n_batch tokens; each row's first token drawn by its
+    chain right after the batch holding the row's last prompt token."""
+    lib, chunk = model._lib, model._batch.capacity
+    tokens = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
+    positions = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
+    owners = np.concatenate([np.full(len(p), r, dtype=np.int32) for r, p in enumerate(prompts)])
+    outputs = np.zeros(len(tokens), dtype=np.int8)
+    outputs[np.cumsum([len(p) for p in prompts]) - 1] = 1
+    drawn = np.zeros(len(prompts), dtype=np.int32)
     for start in range(0, len(tokens), chunk):
         part = slice(start, start + chunk)
-        model._batch.fill(tokens[part], positions[part], owners[part], outputs[part])
-        if model._lib.llama_decode(model._ctx, model._batch.struct) != 0:
+        model._batch.fill(tokens[part], positions[part], seqs[owners[part]], outputs[part])
+        if lib.llama_decode(model._ctx, model._batch.struct) != 0:
             raise RuntimeError("llama_decode failed")
+        for index in np.flatnonzero(outputs[part]).tolist():
+            row = int(owners[start + index])
+            drawn[row] = lib.llama_sampler_sample(chains[row], model._ctx, index)
+    return drawn
 
 
 def run_cell(paths: dict[str, Callable[[Runs], None]], repeats: int) -> dict[str, Runs]:
