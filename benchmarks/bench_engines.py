@@ -73,14 +73,14 @@ def ours(model, prompts: list[list[int]], config: SamplingConfig, new_tokens: in
     runs.share.append(out.sampler_seconds / out.decode_seconds)
 
 
-def _chain(lib, config: SamplingConfig, seed: int):
+def _chain(lib, config: SamplingConfig, seed: int, model_vocab: int):
     params = lib.llama_sampler_chain_default_params()
     chain = lib.llama_sampler_chain_init(params)
     if config.is_greedy:
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
         return chain
     if config.repetition_penalty != 1.0:
-        penalties = lib.llama_sampler_init_penalties(-1, config.repetition_penalty, 0.0, 0.0)
+        penalties = lib.llama_sampler_init_penalties(model_vocab, -1, config.repetition_penalty, 0.0, 0.0)
         lib.llama_sampler_chain_add(chain, penalties)
     lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(config.temperature))
     if config.top_k:
@@ -97,7 +97,7 @@ def anchor(model, prompts: list[list[int]], config: SamplingConfig, new_tokens: 
     cache = model.new_cache()
     cache.ensure_rows(rows)  # takes the sequence ids (ascending with the rows); freed with the cache
     seqs = np.asarray(cache.seq_ids, dtype=np.int32)
-    chains = [_chain(lib, config, seed) for seed in range(rows)]
+    chains = [_chain(lib, config, seed, model.vocab_size) for seed in range(rows)]
     try:
         start = time.perf_counter()
         drawn = _prefill_and_draw(model, prompts, seqs, chains)
@@ -220,6 +220,7 @@ def main() -> None:
                     spread(t.prefill, 0), spread(ll.prefill, 0),
                     spread([100 * s for s in t.share]), spread([100 * s for s in ll.share]),
                 ])  # fmt: skip
+                progress(" | ".join(table[-1]))  # each row as soon as it is measured
         print(f"## {name}\n")
         print(markdown_table(
             ["preset", "B", "torch decode tok/s", "llama.cpp (ours) tok/s", "llama.cpp anchor tok/s",
