@@ -48,7 +48,7 @@ def draft():
     """The same weights in a second llama.cpp context, logits perturbed: a draft that is often accepted
     and often rejected (the 0.5B is our smallest model; a real pair would need the 1.5B as target)."""
     other = load_model(
-        NAME, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=1, n_ctx=256, n_seq_max=31)
+        NAME, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=1, n_ctx=256, n_seq_max=33)
     )
     return PerturbedDraft(other)
 
