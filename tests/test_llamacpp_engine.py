@@ -162,7 +162,9 @@ def test_draft_verify_decoders_draw_the_samplers_distribution(
         "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=2, policy="constant"),
     }[decoder_name]
     joint = exact_joint(model, prompt, LENGTH)
-    options = {"row_seeds": range(DRAWS), "ignore_eos": True, "max_batch_size": 32}
+    # static batches of 16: the previous batch's cache is released only after the next one is prefilled,
+    # so n_seq_max (32) must hold two batches
+    options = {"row_seeds": range(DRAWS), "ignore_eos": True, "max_batch_size": 16}
     out = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, **options)
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0, "exercise acceptance and rejection"
     assert joint_p_value(out.token_ids, joint) > 1e-3
