@@ -142,6 +142,8 @@ def format_summary(record: dict[str, Any], job_dir: Path, run: tracking.TrackedR
         f"== {record['job']['run_name']} | {record['num_prompts']} prompts x {config['num_samples']} "
         f"samples x {config['max_new_tokens']} new tokens"
     ]
+    if engine := (config.get("model") or {}).get("engine"):
+        lines.append(f"  engine  {engine} ({config['model'].get('name', '?')})")
     shown = [name for name in results.KEY_METRICS if terminal.with_interval(metrics, name)]
     width = max(map(len, shown), default=0)
     lines += [f"  {name:<{width}}  {terminal.with_interval(metrics, name, digits=4)}" for name in shown]

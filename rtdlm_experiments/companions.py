@@ -17,10 +17,14 @@ _WHY_SAME_TOKENIZER = {
 
 
 def placement(model: Any) -> dict[str, str]:
-    """dtype/device keyword arguments that put a second model where ``model`` is."""
-    where = {"device": str(model.device)}
+    """dtype/device (and engine) keyword arguments that put a second model where ``model`` is."""
+    where: dict[str, Any] = {"device": str(model.device)}
     if dtype := getattr(model, "dtype", None):
         where["dtype"] = str(dtype).removeprefix("torch.")
+    if engine := getattr(model, "engine", None):
+        where["engine"] = engine  # a llama.cpp target gets a llama.cpp draft, with its settings
+    if settings := getattr(model, "settings", None):
+        where["llamacpp"] = settings
     return where
 
 

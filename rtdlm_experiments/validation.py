@@ -15,10 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments.evaluation import ExecutionSettings, check_code_execution, execution_settings
 from rtdlm_experiments.models import ModelPreparationError, validate_model_config
+from rtdlm_experiments.models.registry import resolve_model_engine
 from rtdlm_experiments.prompt_sets import Prompt, build_task, load_prompts, stop_strings
 from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.tasks.base import Task
 from sampling import SamplingConfig, get_preset
+from sampling.decoding.self_speculative import SelfSpeculativeDecoder
 from sampling.decoding.speculation_policy import POLICIES
 
 TRACKING_BACKENDS = ("mlflow", "none")
@@ -201,6 +203,7 @@ def prepare_job(cfg: DictConfig) -> JobSpec:
     validate_model(model_cfg, field_name="model")
     decoder_cfg = OmegaConf.to_container(cfg.decoder, resolve=True)
     validate_decoder_config(decoder_cfg)
+    model_cfg["engine"] = model_engine(model_cfg, decoder_cfg)
     task = build_task(cfg.prompts)
     prompts = load_prompts(cfg.prompts, task)
     check_job_size(len(prompts), cfg.num_samples, cfg.max_new_tokens)
@@ -241,6 +244,16 @@ def _bounded_stop_strings(strings: tuple[str, ...]) -> tuple[str, ...]:
     return strings
 
 
+def model_engine(model_cfg: dict[str, Any], decoder_cfg: Mapping[str, Any]) -> str:
+    """The engine that runs the job (``model.engine`` with ``auto`` resolved): a decoder that needs hidden
+    states (self-speculative early exit) gets torch under ``auto`` and is refused on llamacpp."""
+    try:
+        needs_hidden = issubclass(get_class(decoder_cfg["_target_"]), SelfSpeculativeDecoder)
+        return resolve_model_engine(model_cfg, needs_hidden_states=needs_hidden)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
 def validate_model(model_cfg: Mapping[str, Any] | str, field_name: str) -> None:
     try:
         validate_model_config(model_cfg)
@@ -256,4 +269,5 @@ def resolved_config(cfg: DictConfig, spec: JobSpec) -> dict[str, Any]:
     sampling = asdict(spec.sampling)
     sampling.pop("seed")  # the job's seed, already at the top level
     config["sampling"] = {"preset": cfg.sampling.preset, **sampling}
+    config["model"] = {**config.get("model", {}), "engine": spec.model.get("engine", "torch")}
     return config

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import get_args
 
@@ -476,7 +477,8 @@ def test_failed_preparation_leaves_no_cache(tmp_path, cache_env, monkeypatch):
     monkeypatch.setattr(gguf, "_convert_gguf", half_then_fail)
     with pytest.raises(RuntimeError, match="interrupted"):
         prepare_gguf_model(fake_spec(sha), progress=False)
-    assert list(cache_env.iterdir()) == []
+    # no half safetensors cache; only the verified GGUF is kept (the llama.cpp engine's file)
+    assert list(cache_env.iterdir()) == [gguf.gguf_path_for(fake_spec(sha))]
 
 
 def test_successful_preparation_is_atomic_and_reused(tmp_path, cache_env, monkeypatch):
@@ -492,10 +494,25 @@ def test_successful_preparation_is_atomic_and_reused(tmp_path, cache_env, monkey
     final = prepare_gguf_model(fake_spec(sha), progress=False)
     assert final == cache_env / f"fake-{sha[:12]}"
     assert seen["gguf"] == b"".join(p.read_bytes() for p in parts)
-    assert list(cache_env.iterdir()) == [final]  # no temp dir, no joined GGUF left behind
+    kept = gguf.gguf_path_for(fake_spec(sha))
+    assert sorted(cache_env.iterdir()) == sorted([final, kept])  # no temp dir; the verified GGUF is kept
+    assert kept.read_bytes() == seen["gguf"]
     assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "rtdlm_model.json"]
     monkeypatch.setattr(gguf, "_convert_gguf", lambda *a: pytest.fail("prepared twice"))
     assert prepare_gguf_model(fake_spec(sha), progress=False) == final
+
+
+def test_gguf_file_is_joined_once_and_a_truncated_one_rejoined(tmp_path, cache_env, monkeypatch):
+    parts, sha = fake_parts(tmp_path)
+    spec = replace(fake_spec(sha), size=3003)
+    calls = []
+    monkeypatch.setattr(gguf, "find_part_files", lambda spec: calls.append(1) or parts)
+    path = gguf.gguf_file_for(spec, progress=False)
+    assert path.read_bytes() == b"".join(p.read_bytes() for p in parts)
+    assert gguf.gguf_file_for(spec, progress=False) == path and len(calls) == 1
+    path.write_bytes(b"cut")
+    assert gguf.gguf_file_for(spec, progress=False).stat().st_size == 3003 and len(calls) == 2
+    assert list(cache_env.iterdir()) == [path]
 
 
 def test_stale_work_dirs_of_killed_preparations_are_removed(tmp_path, cache_env, monkeypatch):

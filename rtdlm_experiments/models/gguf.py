@@ -1,7 +1,9 @@
 """GGUF parts shipped in data-only wheels: locate, join, verify, convert and cache them as safetensors.
 
-The first load joins the parts, checks the sha-256, dequantizes through transformers' GGUF support and
-caches a plain safetensors copy (written atomically), so every later load is a fast ``from_pretrained``.
+The first load joins the parts, checks the sha-256 and keeps the verified GGUF file in the cache (the
+llama.cpp engine loads it directly, `gguf_file_for`); the torch engine's first load also dequantizes it
+through transformers' GGUF support and caches a plain safetensors copy (written atomically), so every
+later load is a fast ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -137,6 +139,71 @@ def cache_dir_for(spec: ModelSpec) -> Path:
     return cache_root() / f"{spec.name}-{(spec.sha256 or 'nosha')[:12]}"
 
 
+def gguf_path_for(spec: ModelSpec) -> Path:
+    """Where the verified GGUF file of a model is kept: next to its safetensors cache directory.
+
+    >>> gguf_path_for(ModelSpec("m", "gguf_parts", sha256="0123456789abcdef")).name
+    'm-0123456789ab.gguf'
+    """
+    directory = cache_dir_for(spec)
+    return directory.with_name(f"{directory.name}.gguf")
+
+
+def gguf_file_for(spec: ModelSpec, progress: bool = True) -> Path:
+    """The verified GGUF file of ``spec`` in the cache, joining and checking its parts first if needed.
+
+    The parts are joined into a temporary file and moved into place with one ``os.replace``, so the
+    cache never holds a half-written or unverified file. A kept file whose size is wrong is rejoined.
+    """
+    path = gguf_path_for(spec)
+    if path.is_file() and (spec.size is None or path.stat().st_size == spec.size):
+        return path
+    if not spec.sha256:
+        raise ModelPreparationError(f"model {spec.name!r} has no sha-256 to verify its parts against")
+    parts = find_part_files(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(handle)
+    try:
+        join_and_verify(parts, Path(temporary), spec.sha256, spec.size, progress=progress)
+        os.chmod(temporary, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path
+
+
+def gguf_tokenizer_dir(spec: ModelSpec, progress: bool = True) -> Path:
+    """A directory holding the model's HF tokenizer (what ``AutoTokenizer.from_pretrained`` loads): its
+    safetensors cache when prepared, else one saved next to the GGUF file the first time (building a
+    tokenizer from GGUF metadata takes about a minute; loading the saved one, a second)."""
+    prepared = cache_dir_for(spec)
+    if is_prepared(prepared):
+        return prepared
+    saved = prepared.with_name(f"{prepared.name}.tokenizer")
+    if (saved / _READY_MARKER).is_file():
+        return saved
+    from transformers import AutoTokenizer
+
+    gguf_path = gguf_file_for(spec, progress=progress)
+    tokenizer = AutoTokenizer.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True
+    )
+    work = Path(tempfile.mkdtemp(prefix=f".{saved.name}.tmp-", dir=saved.parent))
+    try:
+        tokenizer.save_pretrained(work)
+        (work / _READY_MARKER).write_text(json.dumps({"name": spec.name, "sha256": spec.sha256}))
+        shutil.rmtree(saved, ignore_errors=True)
+        try:
+            os.rename(work, saved)
+        except OSError:
+            if not (saved / _READY_MARKER).is_file():  # not merely another process finishing first
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return saved
+
+
 def is_prepared(path: Path) -> bool:
     """Whether ``path`` holds a finished preparation (the marker file is written last)."""
     return (path / _READY_MARKER).is_file()
@@ -192,7 +259,6 @@ def prepare_gguf_model(spec: ModelSpec, progress: bool = True) -> Path:
         shutil.rmtree(final)
     if not spec.sha256:
         raise ModelPreparationError(f"model {spec.name!r} has no sha-256 to verify its parts against")
-    parts = find_part_files(spec)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_work_dirs(final)
     logger.info(
@@ -203,12 +269,12 @@ def prepare_gguf_model(spec: ModelSpec, progress: bool = True) -> Path:
     try:
         gguf_path = work / "gguf" / spec.gguf_filename
         gguf_path.parent.mkdir()
-        join_and_verify(parts, gguf_path, spec.sha256, spec.size, progress=progress)
+        # transformers reads the file under its own name; a link to the kept, verified file costs nothing.
+        os.symlink(gguf_file_for(spec, progress=progress), gguf_path)
         logger.info("%s: parts joined and verified; dequantizing and converting to safetensors", spec.name)
         out = work / "out"
         out.mkdir()
         _convert_gguf(gguf_path, out)
-        gguf_path.unlink()
         marker = {"name": spec.name, "sha256": spec.sha256, "license": spec.license, "created": time.time()}
         (out / _READY_MARKER).write_text(json.dumps(marker, indent=2))
         try:

@@ -39,6 +39,8 @@ class HFCausalLM:
     cache: the draft fills layers ``[0, E)``, the verifier layers ``[E, L)``.
     """
 
+    engine = "torch"
+
     def __init__(
         self,
         hf_model: torch.nn.Module,

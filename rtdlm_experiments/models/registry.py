@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from rtdlm_experiments.models.gguf import cache_dir_for, find_part_files, is_prepared
+from rtdlm_experiments.models.engines import ENGINE_KEYS, llamacpp_settings, resolve_engine
+from rtdlm_experiments.models.gguf import cache_dir_for, find_part_files, gguf_path_for, is_prepared
 from rtdlm_experiments.models.hf_dir import check_local_dir
 from rtdlm_experiments.models.spec import ModelSpec, SourceKind
 from rtdlm_experiments.models.tiny import TINY_HEADS
@@ -84,7 +85,10 @@ _OVERRIDABLE: dict[str, tuple[str, ...]] = {
     "tiny_random": ("num_layers", "vocab_size", "hidden_size", "seed"),
     "local": ("path",),
 }
-_CONFIG_KEYS = ("name", "dtype", "device", "path", "num_layers", "vocab_size", "hidden_size", "seed")
+_CONFIG_KEYS = (
+    "name", "dtype", "device", "path", "num_layers", "vocab_size", "hidden_size", "seed", *ENGINE_KEYS,
+)  # fmt: skip
+_NOT_OVERRIDES = ("name", "dtype", "device", *ENGINE_KEYS)
 
 
 def _config_to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,7 +180,7 @@ def _resolve_spec(name_or_config: str | ModelSpec | Mapping[str, Any]) -> tuple[
     if name not in MODELS:
         raise ValueError(f"model.name={name!r} is unknown; choose one of {sorted(MODELS)}")
     spec = MODELS[name]
-    overrides = {k: v for k, v in cfg.items() if k not in ("name", "dtype", "device")}
+    overrides = {k: v for k, v in cfg.items() if k not in _NOT_OVERRIDES}
     _check_overrides(spec, overrides)
     changes = _OVERRIDE_CHANGES[spec.source](spec, overrides)
     spec = replace(spec, **changes) if changes else spec
@@ -225,7 +229,7 @@ def _check_local_spec(spec: ModelSpec) -> None:
 
 
 def _check_parts_installed(spec: ModelSpec) -> None:
-    if not is_prepared(cache_dir_for(spec)):
+    if not is_prepared(cache_dir_for(spec)) and not gguf_path_for(spec).is_file():
         find_part_files(spec)
 
 
@@ -254,3 +258,19 @@ def validate_model_config(
     spec, _, _ = resolve_model_config(cfg, dtype, device)
     _AVAILABILITY_CHECKS[spec.source](spec)
     return spec
+
+
+def resolve_model_engine(
+    cfg: str | ModelSpec | Mapping[str, Any], engine: str | None = None, needs_hidden_states: bool = False
+) -> str:
+    """``torch`` or ``llamacpp``: the engine a model config asks for (``engine`` wins over its
+    ``engine`` key; unset means torch), with ``auto`` resolved; checks the llama.cpp settings too.
+
+    Raises ValueError naming the field for a combination that cannot run (see `engines.resolve_engine`).
+    """
+    spec, _ = _resolve_spec(cfg)
+    mapping = _config_mapping(cfg) if not isinstance(cfg, ModelSpec) else {}
+    chosen = resolve_engine(engine or mapping.get("engine"), spec, needs_hidden_states)
+    if chosen == "llamacpp":
+        llamacpp_settings(mapping)
+    return chosen

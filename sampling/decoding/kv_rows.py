@@ -6,6 +6,10 @@ uses (and any cache shaped like it, without importing transformers): ``cache.lay
 keep only the last positions) are not editable this way; `row_editable` says whether a cache qualifies,
 and the decoder falls back to static batching when it does not.
 
+A cache object that edits its own rows (an engine whose KV cache lives elsewhere, e.g. llama.cpp's
+sequences) opts in by having the three methods ``select_rows``, ``drop_leading_columns`` and
+``append_rows`` with the semantics below; each function here then calls the method instead.
+
 Every edit keeps the cache rectangular: rows are added or removed whole, and columns are added (zeros)
 or removed (a prefix) for every row at once. The attention mask says which columns a row attends to, so
 zero columns and columns left behind by other rows are never seen.
@@ -22,8 +26,18 @@ def _layers(cache: Any) -> list[Any]:
     return list(getattr(cache, "layers", None) or [])
 
 
+_ROW_EDIT_METHODS = ("select_rows", "drop_leading_columns", "append_rows")
+
+
+def _edits_itself(cache: Any) -> bool:
+    return all(callable(getattr(cache, name, None)) for name in _ROW_EDIT_METHODS)
+
+
 def row_editable(cache: Any) -> bool:
-    """Whether ``cache`` has the layered ``keys``/``values`` layout (every layer filled, none sliding)."""
+    """Whether ``cache`` edits its own rows, or has the layered ``keys``/``values`` layout (every layer
+    filled, none sliding)."""
+    if _edits_itself(cache):
+        return True
     layers = _layers(cache)
     return bool(layers) and all(
         isinstance(getattr(layer, "keys", None), torch.Tensor)
@@ -36,6 +50,8 @@ def row_editable(cache: Any) -> bool:
 
 def select_rows(cache: Any, rows: torch.Tensor) -> None:
     """Keep only batch rows ``rows`` (indices, in that order), in every layer, in place."""
+    if _edits_itself(cache):
+        return cache.select_rows(rows)
     for layer in _layers(cache):
         layer.keys = layer.keys[rows.to(layer.keys.device)]
         layer.values = layer.values[rows.to(layer.values.device)]
@@ -45,6 +61,8 @@ def drop_leading_columns(cache: Any, count: int) -> None:
     """Remove the first ``count`` positions of every row, in every layer, in place."""
     if count <= 0:
         return
+    if _edits_itself(cache):
+        return cache.drop_leading_columns(count)
     for layer in _layers(cache):
         layer.keys = layer.keys[:, :, count:]
         layer.values = layer.values[:, :, count:]
@@ -53,6 +71,8 @@ def drop_leading_columns(cache: Any, count: int) -> None:
 def append_rows(cache: Any, other: Any) -> None:
     """Append ``other``'s rows after ``cache``'s, in place; the narrower of the two is padded on the left
     with zero positions so both end in the same last column (as left padding does for prompts)."""
+    if _edits_itself(cache):
+        return cache.append_rows(other)
     for layer, extra in zip(_layers(cache), _layers(other), strict=True):
         layer.keys = _cat_right_aligned(layer.keys, extra.keys)
         layer.values = _cat_right_aligned(layer.values, extra.values)
