@@ -82,7 +82,7 @@ def run_search(
     fingerprint += [str(c) for c in constraints]
     name = settings.study_name or studies.default_study_name(sweep_name, fingerprint)
     storage = settings.storage or studies.default_storage(storage_root)
-    sampler = studies.make_sampler(settings.sampler, settings.seed, len(objectives), bool(constraints))
+    sampler = studies.make_sampler(settings.sampler, settings.seed, len(objectives))
     study = studies.open_study(storage, name, objectives, sampler)
     requeued = studies.requeue_interrupted(study)
     done = studies.counted_trials(study)

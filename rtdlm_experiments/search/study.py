@@ -22,7 +22,6 @@ from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.search.objectives import Constraint, Objective
 from rtdlm_experiments.search.racing import PROMPT_SCORES_FILE
 
-CONSTRAINTS_ATTR = "constraints"
 INTERRUPTED_ATTR = "interrupted"
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 
@@ -44,27 +43,20 @@ def default_study_name(sweep: str, fingerprint: Sequence[str]) -> str:
     return f"{sweep}-{digest}"
 
 
-def constraint_values(trial: FrozenTrial) -> Sequence[float]:
-    """Optuna's ``constraints_func``: the values recorded when the trial was told (infeasible when none
-    were, e.g. a trial pruned before its constraint metric existed)."""
-    return trial.user_attrs.get(CONSTRAINTS_ATTR, [math.inf])
-
-
-def make_sampler(
-    name: Any, seed: int | None, objectives: int, constrained: bool
-) -> optuna.samplers.BaseSampler:
-    """``auto``: TPE for one objective, NSGA-II for several; or a config with ``_target_``."""
+def make_sampler(name: Any, seed: int | None, objectives: int) -> optuna.samplers.BaseSampler:
+    """``auto``: TPE for one objective, NSGA-II for several; or a config with ``_target_``. Constraints
+    reach TPE and NSGA-II through each trial's ``set_constraint`` values (Optuna 5's way). TPE starts
+    after 4 random trials, not Optuna's 10: searches here are a few trials long."""
     if not isinstance(name, str):
         from hydra.utils import instantiate
 
         return instantiate(name)
-    constraints_func = constraint_values if constrained else None
     if name == "auto":
         name = "tpe" if objectives == 1 else "nsga2"
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func, n_startup_trials=4)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ConfigError(f"hydra.sweeper.sampler={name!r} is invalid: one of {', '.join(SAMPLERS)}")
@@ -142,8 +134,8 @@ def tell_job(
     for name in ("race_generations_used", "race_generations_saved", "race_looks", "race_upper_bound"):
         if name in metrics and math.isfinite(metrics[name]):
             trial.set_user_attr(name, float(metrics[name]))
-    if constraints:
-        trial.set_user_attr(CONSTRAINTS_ATTR, [constraint.violation(metrics) for constraint in constraints])
+    for constraint in constraints:
+        trial.set_constraint(str(constraint), constraint.violation(metrics))
     if metrics.get("race_pruned"):
         trial.report(values[0], step=int(metrics.get("race_generations_used", 0)))
         study.tell(trial, state=TrialState.PRUNED)
@@ -153,7 +145,8 @@ def tell_job(
 
 
 def is_feasible(trial: FrozenTrial) -> bool:
-    return all(value <= 0 for value in trial.user_attrs.get(CONSTRAINTS_ATTR, [0.0]))
+    """Every constraint holds (Optuna: each value <= 0); a trial without constraints is feasible."""
+    return all(value <= 0 for value in trial.constraints.values())
 
 
 def incumbent(study: optuna.Study, objective: Objective) -> FrozenTrial | None:
