@@ -5,6 +5,8 @@ back with sampling=NAME, and a real search killed and resumed from the CLI."""
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
 
 import optuna
@@ -13,6 +15,7 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
+from rtdlm_experiments import preset_files, presets
 from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.search.driver import JobOutcome, SearchSettings, run_search
 from rtdlm_experiments.search.objectives import parse_constraints, parse_objectives
@@ -181,3 +184,116 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
     third = FakeLauncher(tmp_path)
     run_search(settings(tmp_path, 5), search, [], tmp_path / "sweep", "test", tmp_path, third)
     assert third.launched == []
+
+
+# --- the saved preset ---------------------------------------------------------------------------------
+
+
+def test_a_saved_preset_loads_back_with_sampling_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from hydra import compose, initialize_config_dir
+
+    from rtdlm_experiments.schema import config_dir
+    from rtdlm_experiments.validation import sampling_config
+
+    monkeypatch.setenv("RTDLM_OUTPUT_DIR", str(tmp_path / "outputs"))
+    job_dir = tmp_path / "sweep" / "3"
+    job_dir.mkdir(parents=True)
+    sampling = {
+        "preset": "balanced",
+        "temperature": 0.83,
+        "top_p": 0.91,
+        "min_p": 0.05,
+        "top_k": 20,
+        "repetition_penalty": 1.07,
+        "order": ["penalties", "temperature", "top_k", "top_p", "min_p"],
+    }
+    (job_dir / "results.json").write_text(json.dumps({"config": {"sampling": sampling}}))
+    assert presets.main(["save", "tuned", "--from-run", str(job_dir)]) == 0
+    assert (tmp_path / "outputs" / "conf" / "sampling" / "tuned.yaml").is_file()
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["sampling=tuned"])
+    loaded = sampling_config(cfg.sampling)
+    expected = {key: value for key, value in sampling.items() if key != "preset"}
+    assert {key: getattr(loaded, key) for key in expected} == expected | {"order": tuple(sampling["order"])}
+
+    for name, message in (("balanced", "bundled preset"), ("tuned", "exists"), ("bad name", "letters")):
+        with pytest.raises(SystemExit) as stop:
+            presets.main(["save", name, "--from-run", str(job_dir)])
+        assert stop.value.code == 2, message
+
+
+def test_a_search_folder_saves_its_best_trial(tmp_path: Path):
+    job_dir = tmp_path / "sweep" / "1"
+    job_dir.mkdir(parents=True)
+    (job_dir / "results.json").write_text(
+        json.dumps({"config": {"sampling": {"preset": "precise", "top_k": 7}}})
+    )
+    (tmp_path / "sweep" / "search").mkdir()
+    (tmp_path / "sweep" / "search" / "result.json").write_text(
+        json.dumps({"chosen": [{"job_dir": str(job_dir)}]})
+    )
+    assert preset_files.sampling_from_run(str(tmp_path / "sweep")) == {"preset": "precise", "top_k": 7}
+
+
+# --- a real search from the CLI: killed during a trial, resumed, finished -----------------------------
+
+SEARCH_ARGS = [
+    "-m", "hydra/sweeper=optuna", "model=tiny-random", "prompts.limit=4", "num_samples=2", "max_new_tokens=8",
+    "search.objectives=[diversity/distinct_2:max]", "search.chunk_prompts=2", "hydra.sweeper.n_trials=3",
+    "sampling.temperature=interval(0.1,1.5)", "sampling.top_k=choice(0,20)",
+]  # fmt: skip
+
+
+def study_states(storage: Path) -> list[str]:
+    if not storage.is_file():
+        return []
+    try:
+        (name,) = optuna.get_all_study_names(f"sqlite:///{storage}")
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage}")
+        return [trial.state.name for trial in study.get_trials(deepcopy=False)]
+    except (ValueError, RuntimeError, Exception):
+        return []  # the store is being created
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_from_the_cli(
+    start_app, launch_app, tmp_path: Path, empty_mlflow_store: Path
+):
+    import shutil
+
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    shutil.copy(empty_mlflow_store, outputs / "mlflow.db")
+    storage = outputs / "optuna.db"
+    process = start_app(SEARCH_ARGS, tmp_path / "cwd", outputs)
+    deadline = time.monotonic() + 300
+    try:
+        while not ("COMPLETE" in (states := study_states(storage)) and "RUNNING" in states):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, states
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.communicate()
+    killed_states = study_states(storage)
+    assert killed_states.count("COMPLETE") == 1 and killed_states[-1] == "RUNNING"
+
+    result = launch_app(SEARCH_ARGS, tmp_path / "cwd", outputs, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(
+        study_name=optuna.get_all_study_names(f"sqlite:///{storage}")[0], storage=f"sqlite:///{storage}"
+    )
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[1].user_attrs["interrupted"] and trials[2].params == trials[1].params  # re-asked as it was
+    assert (
+        "best config" in result.stdout
+        and "save it: python -m rtdlm_experiments.presets save" in result.stdout
+    )
+    sweep_dirs = [p.parent.parent for p in (outputs / "multirun").glob("*/search/result.json")]
+    assert len(sweep_dirs) == 1  # the resumed run wrote the outcome; trial 0 was not rerun in it
+    assert (
+        not (sweep_dirs[0] / "0").exists() and (sweep_dirs[0] / "2" / "search_prompt_scores.jsonl").is_file()
+    )
