@@ -297,3 +297,13 @@ def test_a_killed_search_resumes_from_the_cli(
     assert (
         not (sweep_dirs[0] / "0").exists() and (sweep_dirs[0] / "2" / "search_prompt_scores.jsonl").is_file()
     )
+
+
+def test_bad_search_settings_exit_2_with_one_line_before_any_trial(run_cli):
+    result = run_cli(
+        "-m", "hydra/sweeper=optuna", "model=tiny-random", "tracking=none", "search.objectives=[distinct_2]",
+        "sampling.temperature=interval(0.1,1.5)",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: search.objectives: 'distinct_2' is invalid: use METRIC:max or METRIC:min" in result.stderr
+    assert "Launching" not in result.stdout + result.stderr

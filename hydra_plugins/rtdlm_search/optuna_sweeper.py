@@ -9,6 +9,7 @@ connects it to Hydra's launcher, the sweep's ``sweep.json`` and its MLflow paren
 
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from rtdlm_experiments import tracking
         from rtdlm_experiments.results import read_sweep_info
-        from rtdlm_experiments.schema import output_root
+        from rtdlm_experiments.schema import ConfigError, output_root
         from rtdlm_experiments.search.driver import run_search
         from rtdlm_experiments.search.outcome import parent_summary
 
@@ -72,10 +73,14 @@ class OptunaSweeper(Sweeper):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         sweep_name = self.config.hydra.runtime.choices.get("sweep") or "search"
-        study, files, text = run_search(
-            self.settings, self.config.search, arguments, sweep_dir, str(sweep_name).replace("/", "_"),
-            output_root(), self._launch,
-        )  # fmt: skip
+        try:
+            study, files, text = run_search(
+                self.settings, self.config.search, arguments, sweep_dir, str(sweep_name).replace("/", "_"),
+                output_root(), self._launch,
+            )  # fmt: skip
+        except ConfigError as err:  # bad search settings: one line and exit 2, as a single run's bad config
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
         print(text, flush=True)
         mlflow = (read_sweep_info(sweep_dir) or {}).get("mlflow")
         if mlflow:
