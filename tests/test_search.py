@@ -11,17 +11,19 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
 from rtdlm_experiments import preset_files, presets
-from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.schema import ConfigError, config_dir
 from rtdlm_experiments.search.driver import JobOutcome, SearchSettings, run_search
 from rtdlm_experiments.search.objectives import parse_constraints, parse_objectives
-from rtdlm_experiments.search.space import distribution, search_space
+from rtdlm_experiments.search.space import distribution, search_space, trial_overrides
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+CONF = config_dir()
 
 # --- space, objectives, constraints -------------------------------------------------------------------
 
@@ -307,3 +309,59 @@ def test_bad_search_settings_exit_2_with_one_line_before_any_trial(run_cli):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: search.objectives: 'distinct_2' is invalid: use METRIC:max or METRIC:min" in result.stderr
     assert "Launching" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("sweep", sorted(p.stem for p in (CONF / "sweep").glob("search_*.yaml")))
+def test_every_search_preset_validates_at_the_corners_of_its_space(sweep: str):
+    from hydra import compose, initialize_config_dir
+
+    from rtdlm_experiments import app
+
+    prompts = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["defaults"][0][
+        "override /prompts"
+    ]
+    if not (CONF / "prompts" / f"{prompts}.yaml").is_file():
+        pytest.skip(f"prompts={prompts} is not in this checkout yet")
+    base = [f"sweep={sweep}", "eval.allow_code_execution=true"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=base, return_hydra_config=True)
+        assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+        parse_objectives(list(cfg.search.objectives))
+        space = search_space(dict(cfg.hydra.sweeper.params), [])
+        assert float(space.distributions["sampling.temperature"].low) > 0  # greedy is outside the space
+        corners = {
+            key: list(d.choices) if hasattr(d, "choices") else [d.low, d.high]
+            for key, d in space.distributions.items()
+        }
+        for index in range(max(map(len, corners.values()))):
+            point = {key: values[index % len(values)] for key, values in corners.items()}
+            overrides = trial_overrides(point)
+            spec = app.prepare_job(compose("config", overrides=[*base, *overrides]))
+            assert spec.sampling.temperature == pytest.approx(point["sampling.temperature"])
+            assert spec.sampling.order == point["sampling.order"]
+
+
+def test_a_raced_job_generates_what_an_unraced_one_does_and_stops_when_it_loses():
+    """Common random numbers: chunked generation gives the rows an unchunked job gives; a trial far
+    below the incumbent stops after its first look, its metrics over the rows it generated."""
+    from hydra import compose, initialize_config_dir
+
+    from rtdlm_experiments import app
+    from rtdlm_experiments.search.racing import Race
+
+    overrides = ["model=tiny-random", "max_new_tokens=6", "prompts.limit=6", "num_samples=2"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        spec = app.prepare_job(compose("config", overrides=[*overrides, "prompts.chat_template=false"]))
+    plain = app.run_job(spec)
+    race = Race("diversity/distinct_2", 1.0, {}, chunk_prompts=2)
+    raced = app.run_job(spec, race=race)
+    assert raced.output.token_ids == plain.output.token_ids
+    assert raced.metrics["distinct_2"] == plain.metrics["distinct_2"]
+    assert sorted(race.scores) == list(range(6)) and not race.pruned
+    assert raced.artifacts["search_prompt_scores.jsonl"][0] == {"prompt_index": 0, "score": race.scores[0]}
+
+    unbeatable = Race("diversity/distinct_2", 1.0, {p: 2.0 + p / 100 for p in range(6)}, chunk_prompts=2)
+    lost = app.run_job(spec, race=unbeatable)
+    assert unbeatable.pruned and unbeatable.looks == 1
+    assert lost.output.token_ids == plain.output.token_ids[:4] and len(lost.rows) == 4
+    assert lost.metrics["race_generations_used"] == 4 and lost.metrics["race_generations_saved"] == 8
