@@ -8,6 +8,7 @@ search with several objectives (racing needs one) or ``search.racing=false``, ge
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.search.objectives import parse_objectives
 from rtdlm_experiments.search.racing import Race
+
+log = logging.getLogger(__name__)
 
 SEARCH_DIR = "search"
 INCUMBENT_FILE = "incumbent.json"
@@ -51,6 +54,13 @@ def race_for_job(cfg: Any, sweep_dir: Path | None) -> Race | None:
     if not 0.5 <= search.confidence < 1:
         raise ConfigError(f"search.confidence={search.confidence} is invalid: must be in [0.5, 1)")
     objective = parse_objectives(list(search.objectives))[0]
+    rows_per_chunk = search.chunk_prompts * cfg.num_samples
+    if rows_per_chunk < cfg.batch_size:
+        log.warning(
+            "racing generates %d rows per chunk (search.chunk_prompts x num_samples), fewer than "
+            "batch_size=%d rows in flight: each chunk runs a smaller batch, which costs throughput",
+            rows_per_chunk, cfg.batch_size,
+        )  # fmt: skip
     return Race(
         metric=objective.metric,
         sign=objective.sign,
