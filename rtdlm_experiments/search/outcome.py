@@ -189,6 +189,8 @@ def parent_summary(result: dict[str, Any]) -> tuple[dict[str, str], dict[str, fl
     """
     tags: dict[str, str] = {}
     metrics = {f"search/{name}": float(value) for name, value in result["racing"].items()}
+    importances = result.get("importances", {})
+    metrics |= {f"search/importance/{key}": float(value) for key, value in importances.items()}
     chosen = result["chosen"]
     if len(result["objectives"]) == 1 and chosen:
         best = chosen[0]

@@ -35,16 +35,17 @@ def draw(
 
 def _objective_panel(axis: Any, rows: Sequence[dict[str, Any]], objective: Objective) -> None:
     metric = objective.metric
-    for state, style in (
-        ("COMPLETE", {"color": "C0"}),
-        ("PRUNED", {"facecolors": "none", "edgecolors": "C3"}),
-    ):
-        points = [r for r in rows if r["state"] == state and r.get(metric) is not None]
+    shown = [r for r in rows if r.get(metric) is not None]
+    complete = [r for r in shown if r["state"] == "COMPLETE" and r["feasible"]]
+    groups = (
+        ("complete", complete, {"color": "C0"}),
+        ("pruned", [r for r in shown if r["state"] == "PRUNED"], {"facecolors": "none", "edgecolors": "C3"}),
+        ("infeasible", [r for r in shown if r["state"] == "COMPLETE" and not r["feasible"]],
+         {"marker": "x", "color": "grey"}),
+    )  # fmt: skip
+    for label, points, style in groups:
         if points:
-            axis.scatter(
-                [r["trial"] for r in points], [r[metric] for r in points], label=state.lower(), **style
-            )
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r.get(metric) is not None]
+            axis.scatter([r["trial"] for r in points], [r[metric] for r in points], label=label, **style)
     for row in complete:
         low, high = row.get(metric + "_ci_low"), row.get(metric + "_ci_high")
         if low is not None and high is not None:
@@ -56,7 +57,7 @@ def _objective_panel(axis: Any, rows: Sequence[dict[str, Any]], objective: Objec
         xs.append(row["trial"])
         ys.append(objective.sign * best)
     if xs:
-        axis.step(xs, ys, where="post", color="k", linewidth=1, label="best so far")
+        axis.step(xs, ys, where="post", color="k", linewidth=1, label="best feasible so far")
     axis.xaxis.get_major_locator().set_params(integer=True)
     axis.set_ylabel(f"{metric} ({'max' if objective.sign > 0 else 'min'})")
     axis.legend(fontsize=8)
