@@ -182,6 +182,9 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
         study.trials[2].params["sampling.temperature"], abs=1e-6
     )
     assert sum(state == TrialState.COMPLETE for state in states.values()) == 5
+    # the resumed sampler does not replay the first run's draws (trial 4 is the first new ask)
+    first_run = {round(study.trials[n].params["sampling.temperature"], 6) for n in range(3)}
+    assert round(study.trials[4].params["sampling.temperature"], 6) not in first_run
     # the same command on a finished study runs nothing more
     third = FakeLauncher(tmp_path)
     run_search(settings(tmp_path, 5), search, [], tmp_path / "sweep", "test", tmp_path, third)

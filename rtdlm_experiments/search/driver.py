@@ -84,6 +84,11 @@ def run_search(
     storage = settings.storage or studies.default_storage(storage_root)
     sampler = studies.make_sampler(settings.sampler, settings.seed, len(objectives))
     study = studies.open_study(storage, name, objectives, sampler)
+    if study.trials and settings.seed is not None:  # a resumed study: a fresh seeded sampler would replay
+        # the first run's draws and ask trial 0's config again
+        study.sampler = studies.make_sampler(
+            settings.sampler, settings.seed + len(study.trials), len(objectives)
+        )
     requeued = studies.requeue_interrupted(study)
     done = studies.counted_trials(study)
     again = f"; re-asking interrupted trial(s) {requeued}" if requeued else ""
