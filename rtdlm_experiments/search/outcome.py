@@ -17,6 +17,10 @@ from rtdlm_experiments.search.objectives import Objective
 from rtdlm_experiments.search.study import is_feasible
 
 
+MIN_TRIALS_FOR_IMPORTANCES = 5
+"""Fewer COMPLETE trials than this give no importances: from 2 or 3 points they are noise."""
+
+
 def chosen_trials(study: optuna.Study, objectives: Sequence[Objective]) -> list[FrozenTrial]:
     """The best feasible COMPLETE trial, or the feasible Pareto front (sorted by the first objective)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_feasible(t)]
@@ -43,8 +47,11 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def importances(study: optuna.Study, objective: Objective) -> dict[str, float]:
     """Optuna's default parameter importances (PED-ANOVA in Optuna 5: which params matter for reaching
     the best trials; it ranks low targets best, hence the sign) of the first objective over COMPLETE
-    trials; empty when too few finished to estimate them."""
+    trials; empty when fewer than `MIN_TRIALS_FOR_IMPORTANCES` finished."""
     import warnings
+
+    if len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) < MIN_TRIALS_FOR_IMPORTANCES:
+        return {}
 
     def target(trial: FrozenTrial) -> float:
         return -objective.sign * trial.values[0]
