@@ -1,6 +1,6 @@
 """A search's outcome from its study: the best config (one objective) or the Pareto front (several),
 parameter importances, generations used and saved by racing, plots, and the files in
-``<sweep dir>/search/`` (``result.json``, ``trials.csv``, ``best_sampling.yaml``, PNGs)."""
+``<sweep dir>/search/`` (``outcome.txt``, ``result.json``, ``trials.csv``, PNGs)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from rtdlm_experiments.search.objectives import Objective
 from rtdlm_experiments.search.study import is_feasible
-
 
 MIN_TRIALS_FOR_IMPORTANCES = 5
 """Fewer COMPLETE trials than this give no importances: from 2 or 3 points they are noise."""
