@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from rtdlm_experiments import app, override_types, results, terminal, tracking
 from rtdlm_experiments.environment import environment_info
 from rtdlm_experiments.schema import ConfigError, config_dir, ensure_output_root
+from rtdlm_experiments.search import trial as search_trial
 from rtdlm_experiments.tracking import names
 
 
@@ -48,7 +49,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
             started = tracking.start_job_run(
                 cfg.tracking.uri, cfg.experiment_name, _pending_record(cfg, spec, job), sweep_dir
             )
-        result = app.run_job(spec, progress_factory=terminal.progress_factory)
+        race = search_trial.race_for_job(cfg, sweep_dir)
+        result = app.run_job(spec, progress_factory=terminal.progress_factory, race=race)
     except Exception as err:
         if isinstance(err, ConfigError) and hydra_cfg.mode == RunMode.RUN:
             _reject(job_dir, started, err)

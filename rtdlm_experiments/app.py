@@ -24,6 +24,7 @@ from rtdlm_experiments.metrics import all_metrics
 from rtdlm_experiments.models import load_model
 from rtdlm_experiments.prompt_sets import Prompt
 from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.search.racing import Race, select_rows
 from rtdlm_experiments.validation import DRAFT_MODEL_KEY, JobSpec, check_model_fit, validate_decoder_config
 from rtdlm_experiments.validation import (  # re-exported: the app's public API since before the split
     TRACKING_BACKENDS as TRACKING_BACKENDS,
@@ -183,13 +184,17 @@ def generate_rows(
     )
 
 
-def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = None) -> JobResult:
+def run_job(
+    spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = None, race: Race | None = None
+) -> JobResult:
     """Load the model(s), generate every (prompt, sample), decode the texts and compute the metrics.
 
     Non-autoregressive decoders are timed against the autoregressive decoder on the same rows, config
     and seeds, in this process, so the speedup compares like with like. Both are warmed up first.
     ``progress_factory(total_tokens, description)`` returns a bar with ``advance(new, released)`` and
-    ``close()``; its total is rows × max_new_tokens.
+    ``close()``; its total is rows × max_new_tokens. A search trial's ``race`` generates the rows in
+    chunks of prompts and stops early when the trial loses (`rtdlm_experiments.search.racing`); the
+    metrics are then those of the rows it generated.
     """
     timings: dict[str, float] = {}
     tick = time.perf_counter()
@@ -206,7 +211,14 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
     decoders = {"decoder": decoder}
     if not isinstance(decoder, AutoregressiveDecoder):
         decoders = {"baseline": AutoregressiveDecoder(), **decoders}
-    outputs = _generate_timed(decoders, model, prompt_ids, rows, spec, timings, progress_factory)
+    if race is None:
+        outputs = _generate_timed(decoders, model, prompt_ids, rows, spec, timings, progress_factory)
+    else:
+        rows, outputs = race.run(
+            rows,
+            functools.partial(_generate_chunk, decoders, model, prompt_ids, spec, timings, progress_factory),
+            functools.partial(_prompt_scores, spec, model, prompt_ids, race.metric),
+        )
     output, baseline = outputs["decoder"], outputs.get("baseline")
 
     tick = time.perf_counter()
@@ -219,12 +231,12 @@ def run_job(spec: JobSpec, progress_factory: Callable[[int, str], Any] | None = 
         rows=rows,
         prompt_ids=prompt_ids,
         texts=texts,
-        metrics=metrics | evaluation.metrics,
+        metrics=metrics | evaluation.metrics | (race.metrics() if race else {}),
         timings=timings,
         device=str(model.device),
         dtype=str(getattr(model, "dtype", spec.model.get("dtype", ""))).removeprefix("torch."),
         baseline=baseline,
-        artifacts=evaluation.artifacts,
+        artifacts=evaluation.artifacts | (race.artifacts() if race else {}),
         tags=evaluation.tags,
     )
 
@@ -266,10 +278,11 @@ def _generate_timed(
     spec: JobSpec,
     timings: dict[str, float],
     progress_factory: Callable[[int, str], Any] | None,
+    warm_up: bool = True,
 ) -> dict[str, GenerationOutput]:
     """Warm up every decoder, then generate every row with each; adds their seconds to ``timings``."""
     tick = time.perf_counter()
-    for warm in decoders.values():
+    for warm in decoders.values() if warm_up else ():
         warm.generate(
             model, prompt_ids[:1], spec.sampling, _WARMUP_TOKENS, GenerateOptions(row_seeds=[rows[0].seed])
         )
@@ -285,3 +298,49 @@ def _generate_timed(
         if bar:
             bar.close()
     return outputs
+
+
+# --- racing hook (rtdlm_experiments.search.racing) -------------------------------------------------------
+
+
+def _generate_chunk(
+    decoders: Mapping[str, Decoder],
+    model: CausalLM,
+    prompt_ids: Sequence[list[int]],
+    spec: JobSpec,
+    timings: dict[str, float],
+    progress_factory: Callable[[int, str], Any] | None,
+    rows: Sequence[Row],
+) -> dict[str, GenerationOutput]:
+    """`_generate_timed` for one chunk of rows (warmed up before the first only), its seconds added to
+    ``timings``."""
+    chunk_timings: dict[str, float] = {}
+    first = "warmup_seconds" not in timings
+    outputs = _generate_timed(decoders, model, prompt_ids, rows, spec, chunk_timings, progress_factory, first)
+    for key, seconds in chunk_timings.items():
+        timings[key] = timings.get(key, 0.0) + seconds
+    return outputs
+
+
+def _prompt_scores(
+    spec: JobSpec,
+    model: CausalLM,
+    prompt_ids: Sequence[list[int]],
+    metric: str,
+    rows: Sequence[Row],
+    output: GenerationOutput,
+) -> dict[int, float]:
+    """The job metric ``metric`` computed on each prompt's rows alone (what racing compares)."""
+    from rtdlm_experiments.search.objectives import metric_value
+
+    texts = decode_texts(model.tokenizer, output.token_ids, spec.stop_strings)
+    scores: dict[int, float] = {}
+    for prompt in dict.fromkeys(row.prompt_index for row in rows):
+        positions = [i for i, row in enumerate(rows) if row.prompt_index == prompt]
+        part = select_rows(output, positions)
+        part_texts = [texts[i] for i in positions]
+        part_rows = [rows[i] for i in positions]
+        metrics = all_metrics(part, part_texts, seed=spec.seed)
+        metrics |= _evaluate(spec, part_rows, prompt_ids, part, part_texts, None, {}).metrics
+        scores[prompt] = metric_value(metrics, metric, "search.objectives")
+    return scores

@@ -3,6 +3,7 @@
     python -m rtdlm_experiments.presets                      # every preset side by side
     python -m rtdlm_experiments.presets creative             # one preset, field by field
     python -m rtdlm_experiments.presets creative top_p=0.8   # ... with the overrides a run would apply
+    python -m rtdlm_experiments.presets save NAME --from-run RUN  # a run's config, as sampling=NAME
 
 The numbers live in `sampling.PRESETS`; the ``sampling/`` config group only names a preset, which is
 why ``--cfg job`` shows its fields as ``null`` ("the preset's value").
@@ -11,6 +12,7 @@ why ``--cfg job`` shows its fields as ``null`` ("the preset's value").
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from typing import Any
@@ -65,7 +67,35 @@ def table() -> str:
                      for row in rows)  # fmt: skip
 
 
+def save_main(argv: Sequence[str]) -> int:
+    """``save NAME --from-run RUN``: write a job's (or a search's best) sampling config as a preset file."""
+    from rtdlm_experiments.preset_files import sampling_from_run, save_preset
+
+    parser = argparse.ArgumentParser(
+        prog="python -m rtdlm_experiments.presets save",
+        description="Save a run's sampling config as a preset that sampling=NAME loads.",
+    )
+    parser.add_argument("name", help="the new preset's name")
+    parser.add_argument(
+        "--from-run", required=True, metavar="RUN",
+        help="a job folder, a search's sweep folder, or an MLflow run id (a job's, or a search's parent)",
+    )  # fmt: skip
+    parser.add_argument("--tracking-uri", help="MLflow store of RUN (default: the project's)")
+    parser.add_argument("--force", action="store_true", help="replace an existing saved preset")
+    args = parser.parse_args(argv)
+    try:
+        sampling = sampling_from_run(args.from_run, args.tracking_uri)
+        path = save_preset(args.name, sampling, f"run {args.from_run}", args.force)
+    except (ValueError, OSError) as err:
+        parser.exit(2, f"error: {err}\n")
+    print(f"saved {path}: load it with sampling={args.name}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["save"]:
+        return save_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m rtdlm_experiments.presets", description="Show a sampling preset's effective values."
     )

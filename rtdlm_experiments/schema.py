@@ -217,6 +217,22 @@ class TrackingSchema:
 
 
 @dataclass
+class SearchSchema:
+    """What a search (``hydra/sweeper=optuna``, `rtdlm_experiments.search`) optimizes; unused otherwise."""
+
+    objectives: list[str] = field(default_factory=list)
+    """``METRIC:max`` or ``METRIC:min``, e.g. ``[quality/pass_at_1:max]``; several give a Pareto front."""
+    constraints: list[str] = field(default_factory=list)
+    """``METRIC>=NUMBER`` or ``METRIC<=NUMBER``: a trial is feasible when every one holds."""
+    racing: bool = True
+    """Stop a trial early when it is worse than the incumbent with ``confidence`` (one objective only)."""
+    chunk_prompts: int = 5
+    """Prompts per chunk: racing looks after every chunk but the last."""
+    confidence: float = 0.95
+    """Of the racing rule over all its looks (Bonferroni)."""
+
+
+@dataclass
 class ExperimentConfig:
     """The whole composed config of one job."""
 
@@ -228,6 +244,7 @@ class ExperimentConfig:
     tracking: TrackingSchema = field(default_factory=TrackingSchema)
     eval: EvalSchema = field(default_factory=EvalSchema)
     judge: JudgeSchema = field(default_factory=JudgeSchema)
+    search: SearchSchema = field(default_factory=SearchSchema)
     seed: int = 0
     max_new_tokens: int = 32
     num_samples: int = 1

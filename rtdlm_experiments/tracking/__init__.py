@@ -29,6 +29,7 @@ from rtdlm_experiments.tracking.runs import (
     search_runs,
     search_runs_by_tag,
 )
+from rtdlm_experiments.tracking.search import BEST_JOB_DIR_TAG, log_search_outcome, run_sampling_fields
 from rtdlm_experiments.tracking.store import (
     TrackingUnavailable,
     default_tracking_uri,
@@ -51,6 +52,7 @@ from rtdlm_experiments.tracking.sweeps import (
 )
 
 __all__ = [
+    "BEST_JOB_DIR_TAG",
     "SWEEP_TAG",
     "TrackedRun",
     "TrackingUnavailable",
@@ -67,9 +69,11 @@ __all__ = [
     "first_line",
     "is_logged",
     "log_job",
+    "log_search_outcome",
     "mlflow_client",
     "resolve_tracking_uri",
     "resume_sweep",
+    "run_sampling_fields",
     "run_url",
     "runs_table_url",
     "search_runs",
