@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from rtdlm_experiments.markdown import markdown_table as markdown_table  # re-exported for the bench scripts
+from rtdlm_experiments.analysis.markdown import (
+    markdown_table as markdown_table,  # re-exported for the bench scripts
+)
 from rtdlm_experiments.models import HFCausalLM
 from sampling import ORDERS, SamplingConfig
 from sampling._numeric import ratio as ratio  # re-exported: the bench scripts import it from here

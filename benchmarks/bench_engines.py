@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from _common import PROMPTS, encode_prompts, markdown_table, print_header, progress
 
+from rtdlm_experiments.job.prompt_sets import load_prompts
 from rtdlm_experiments.models import load_model
 from rtdlm_experiments.models.engines import LlamaCppSettings
-from rtdlm_experiments.prompt_sets import load_prompts
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder
 

@@ -62,8 +62,8 @@ def llm_like_logits(batch: int, vocab: int, generator: torch.Generator) -> torch
 
 def real_logits(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``batch`` rows of Qwen2.5-Coder-0.5B next-token logits and the token ids before each (padded -1)."""
+    from rtdlm_experiments.job.prompt_sets import load_prompts
     from rtdlm_experiments.models import load_model
-    from rtdlm_experiments.prompt_sets import load_prompts
 
     model = load_model("qwen2.5-coder-0.5b", dtype="float32", device="cpu")
     texts = [prompt.text for prompt in load_prompts({"name": "default"})]

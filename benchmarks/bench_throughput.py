@@ -51,8 +51,8 @@ from _common import (
     time_alternately,
 )
 
+from rtdlm_experiments.job.prompt_sets import load_prompts, stop_strings
 from rtdlm_experiments.models import HFCausalLM, load_model
-from rtdlm_experiments.prompt_sets import load_prompts, stop_strings
 from sampling import PRESETS, SamplingConfig, get_preset
 from sampling.decoding import AutoregressiveDecoder, GenerateOptions, merge_outputs
 from sampling.decoding.stopping import StopStrings

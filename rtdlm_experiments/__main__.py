@@ -22,9 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app, override_types, results, terminal, tracking
-from rtdlm_experiments.environment import environment_info
-from rtdlm_experiments.schema import ConfigError, config_dir, ensure_output_root
+from rtdlm_experiments import terminal, tracking
+from rtdlm_experiments.config import override_types
+from rtdlm_experiments.config.schema import ConfigError, config_dir, ensure_output_root
+from rtdlm_experiments.job import app
+from rtdlm_experiments.results import record as results
+from rtdlm_experiments.results.environment import environment_info
 from rtdlm_experiments.search import trial as search_trial
 from rtdlm_experiments.tracking import names
 

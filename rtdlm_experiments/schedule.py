@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from rtdlm_experiments import drift, tracking
-from rtdlm_experiments.schema import config_dir, output_root
+from rtdlm_experiments import tracking
+from rtdlm_experiments.analysis import drift
+from rtdlm_experiments.config.schema import config_dir, output_root
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from rtdlm_experiments.metric_names import metrics_to_log
-from rtdlm_experiments.results import CONFIG_HASH_TAG
+from rtdlm_experiments.results.metric_names import metrics_to_log
+from rtdlm_experiments.results.record import CONFIG_HASH_TAG
 from rtdlm_experiments.tracking import SWEEP_TAG
 from rtdlm_experiments.tracking.server import serve_mlflow, server_args
 

@@ -14,9 +14,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments import app, results
-from rtdlm_experiments.prompt_sets import Prompt, build_task, bundled_sets, load_prompts
-from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.job import app
+from rtdlm_experiments.job.prompt_sets import Prompt, build_task, bundled_sets, load_prompts
+from rtdlm_experiments.results import record as results
 from sampling import PRESETS
 from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
 

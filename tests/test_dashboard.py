@@ -15,8 +15,12 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from rtdlm_experiments import callbacks, drift, metric_names, presets, report, results, terminal, tracking
-from rtdlm_experiments.tracking import names
+from rtdlm_experiments import terminal, tracking
+from rtdlm_experiments.analysis import drift, report
+from rtdlm_experiments.config import presets
+from rtdlm_experiments.results import metric_names
+from rtdlm_experiments.results import record as results
+from rtdlm_experiments.tracking import callbacks, names
 
 # --- names --------------------------------------------------------------------------------------------
 

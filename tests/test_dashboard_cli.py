@@ -17,7 +17,7 @@ def test_help_is_the_apps_own_with_groups_options_and_examples(run_cli):
     assert "sampling: balanced, creative, deterministic, precise" in text
     assert "decoder: autoregressive, prompt_lookup, self_speculative, speculative" in text
     assert "== Examples ==" in text and "-m sampling=creative,balanced" in text
-    assert "python -m rtdlm_experiments.presets" in text
+    assert "python -m rtdlm_experiments.config.presets" in text
 
 
 def test_a_rejected_config_leaves_no_run_folder_and_no_run(run_cli, tiny_job, tmp_path: Path):

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from rtdlm_experiments import compare, sync
-from rtdlm_experiments.compare import LoadedJob, compare_jobs
-from rtdlm_experiments.stats import MIN_PAIRED_PROMPTS
+from rtdlm_experiments.analysis import compare
+from rtdlm_experiments.analysis.compare import LoadedJob, compare_jobs
+from rtdlm_experiments.analysis.stats import MIN_PAIRED_PROMPTS
+from rtdlm_experiments.tracking import sync
 
 CORRUPT = {
     "truncated": '{"status": "COMPLETED", "config": {',

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments import app
-from rtdlm_experiments.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
-from rtdlm_experiments.schema import config_dir
+from rtdlm_experiments.config.schema import config_dir
+from rtdlm_experiments.job import app
+from rtdlm_experiments.job.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.tasks.execution import STATUSES
 
 

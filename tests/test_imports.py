@@ -108,9 +108,9 @@ def test_find_cycle_reports_the_path():
 
 def test_imports_inside_functions_and_relative_imports_are_seen(tmp_path: Path):
     path = tmp_path / "mod.py"
-    path.write_text("from . import sibling\n\ndef f():\n    from rtdlm_experiments.report import x\n")
+    path.write_text("from . import sibling\n\ndef f():\n    from rtdlm_experiments.analysis.report import x\n")  # noqa: E501
     names = {name for name, _ in imported_names("rtdlm_experiments.mod", path)}
-    assert names == {"rtdlm_experiments.sibling", "rtdlm_experiments.report.x"}
+    assert names == {"rtdlm_experiments.sibling", "rtdlm_experiments.analysis.report.x"}
 
 
 def test_the_graph_sees_the_packages_modules():
@@ -118,10 +118,10 @@ def test_the_graph_sees_the_packages_modules():
     assert {
         "sampling",
         "sampling.decoding.base",
-        "rtdlm_experiments.app",
+        "rtdlm_experiments.job.app",
         "rtdlm_experiments.tracking",
     } <= set(graph)
-    assert "sampling" in graph["rtdlm_experiments.app"]
+    assert "sampling" in graph["rtdlm_experiments.job.app"]
 
 
 def test_no_import_cycle():

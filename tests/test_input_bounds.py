@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments import app
-from rtdlm_experiments.prompt_sets import load_prompts
-from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.job import app
+from rtdlm_experiments.job.prompt_sets import load_prompts
 
 
 def prepare(*overrides: str) -> app.JobSpec:

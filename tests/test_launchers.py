@@ -75,7 +75,7 @@ def test_the_documented_slurm_command_composes():
     MLflow server all land where the jobs will read them."""
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments.schema import config_dir
+    from rtdlm_experiments.config.schema import config_dir
 
     overrides = [
         "sweep=nightly", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
@@ -93,8 +93,8 @@ def test_the_documented_slurm_command_composes():
 def test_a_job_whose_process_died_before_saving_is_listed_as_failed_in_one_line(tmp_path: Path):
     """A worker SIGKILLed mid-job leaves its Hydra folder without ``results.json``: the sweep's end counts
     it among the failures, named like its run (the swept values only)."""
-    from rtdlm_experiments import callbacks
-    from rtdlm_experiments.results import write_sweep_info
+    from rtdlm_experiments.results.record import write_sweep_info
+    from rtdlm_experiments.tracking import callbacks
 
     write_sweep_info(tmp_path, {"name": "presets", "swept_keys": ["max_new_tokens"], "mlflow": None})
     for num, tokens in ((0, 4), (1, 160)):

@@ -7,11 +7,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments import app
+from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.job import app
 from rtdlm_experiments.models import engines
 from rtdlm_experiments.models.llamacpp_cache import LlamaCppCache, SequencePool
 from rtdlm_experiments.models.registry import resolve_model_engine
-from rtdlm_experiments.schema import ConfigError, config_dir
 from sampling.decoding import kv_rows
 
 

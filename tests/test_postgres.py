@@ -48,7 +48,7 @@ def test_a_sweep_logs_to_mlflow_on_postgres_and_report_and_compare_read_it(
     report = launch_app(
         ["--uri", store.uri, "--experiment", experiment, "--sweep", parent.info.run_id, "--out",
          str(tmp_path / "report")],
-        tmp_path / "cwd", tmp_path / "outputs", module="rtdlm_experiments.report",
+        tmp_path / "cwd", tmp_path / "outputs", module="rtdlm_experiments.analysis.report",
     )  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     assert "creative" in report.stdout and "balanced" in report.stdout
@@ -56,7 +56,7 @@ def test_a_sweep_logs_to_mlflow_on_postgres_and_report_and_compare_read_it(
 
     compare = launch_app(
         [creative.info.run_id, balanced.info.run_id, "--tracking-uri", store.uri, "--resamples", "200"],
-        tmp_path / "cwd", tmp_path / "outputs", module="rtdlm_experiments.compare",
+        tmp_path / "cwd", tmp_path / "outputs", module="rtdlm_experiments.analysis.compare",
     )  # fmt: skip
     assert compare.returncode == 0, compare.stderr[-3000:]
     assert "distinct_2" in compare.stdout

@@ -19,7 +19,7 @@ from mlflow.entities import ViewType
 from postgres_mlflow import PostgresMlflow, assert_each_job_finished_once, postgres_mlflow
 
 from rtdlm_experiments import schedule
-from rtdlm_experiments.results import LOGGED_FILE, RESULTS_FILE
+from rtdlm_experiments.results.record import LOGGED_FILE, RESULTS_FILE
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 

@@ -13,12 +13,14 @@ from typing import Any
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments import app, compare, report, results
-from rtdlm_experiments.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
+from rtdlm_experiments.analysis import compare, report
+from rtdlm_experiments.analysis.stats import bootstrap_statistic_ci
+from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.job import app
+from rtdlm_experiments.job.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.metrics import distinct_n
 from rtdlm_experiments.metrics.intervals import CI_HIGH, CI_LOW, distinct_n_interval
-from rtdlm_experiments.schema import ConfigError, config_dir
-from rtdlm_experiments.stats import bootstrap_statistic_ci
+from rtdlm_experiments.results import record as results
 from rtdlm_experiments.tasks.execution import STATUSES
 
 

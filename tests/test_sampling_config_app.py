@@ -14,8 +14,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from rtdlm_experiments import app, results
-from rtdlm_experiments.schema import ConfigError, SamplingSchema, config_dir
+from rtdlm_experiments.config.schema import ConfigError, SamplingSchema, config_dir
+from rtdlm_experiments.job import app
+from rtdlm_experiments.results import record as results
 from sampling import PRESETS, SamplingConfig
 
 OVERRIDES = {

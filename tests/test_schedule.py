@@ -18,8 +18,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
-from rtdlm_experiments import drift, report, schedule, tracking
-from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments import schedule, tracking
+from rtdlm_experiments.analysis import drift, report
+from rtdlm_experiments.config.schema import ConfigError
 
 # --- one history of scheduled sweeps, run once for the module -----------------------------------------
 

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from rtdlm_experiments import preset_files, presets
-from rtdlm_experiments.schema import ConfigError, config_dir
+from rtdlm_experiments.config import preset_files, presets
+from rtdlm_experiments.config.schema import ConfigError, config_dir
 from rtdlm_experiments.search.driver import JobOutcome, SearchSettings, run_search
 from rtdlm_experiments.search.objectives import parse_constraints, parse_objectives
 from rtdlm_experiments.search.space import distribution, search_space, trial_overrides
@@ -197,8 +197,8 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
 def test_a_saved_preset_loads_back_with_sampling_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments.schema import config_dir
-    from rtdlm_experiments.validation import sampling_config
+    from rtdlm_experiments.config.schema import config_dir
+    from rtdlm_experiments.config.validation import sampling_config
 
     monkeypatch.setenv("RTDLM_OUTPUT_DIR", str(tmp_path / "outputs"))
     job_dir = tmp_path / "sweep" / "3"
@@ -295,7 +295,7 @@ def test_a_killed_search_resumes_from_the_cli(
     assert trials[1].user_attrs["interrupted"] and trials[2].params == trials[1].params  # re-asked as it was
     assert (
         "best config" in result.stdout
-        and "save it: python -m rtdlm_experiments.presets save" in result.stdout
+        and "save it: python -m rtdlm_experiments.config.presets save" in result.stdout
     )
     sweep_dirs = [p.parent.parent for p in (outputs / "multirun").glob("*/search/result.json")]
     assert len(sweep_dirs) == 1  # the resumed run wrote the outcome; trial 0 was not rerun in it
@@ -318,7 +318,7 @@ def test_bad_search_settings_exit_2_with_one_line_before_any_trial(run_cli):
 def test_every_search_preset_validates_at_the_corners_of_its_space(sweep: str):
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments import app
+    from rtdlm_experiments.job import app
 
     prompts = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["defaults"][0][
         "override /prompts"
@@ -349,7 +349,7 @@ def test_a_raced_job_generates_what_an_unraced_one_does_and_stops_when_it_loses(
     below the incumbent stops after its first look, its metrics over the rows it generated."""
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments import app
+    from rtdlm_experiments.job import app
     from rtdlm_experiments.search.racing import Race
 
     overrides = ["model=tiny-random", "max_new_tokens=6", "prompts.limit=6", "num_samples=2"]

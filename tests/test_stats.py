@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rtdlm_experiments.stats import (
+from rtdlm_experiments.analysis.stats import (
     bootstrap_mean_ci,
     bootstrap_statistic_ci,
     paired_comparison,

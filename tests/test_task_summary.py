@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rtdlm_experiments import compare
-from rtdlm_experiments.report import summarize_sweep
-from rtdlm_experiments.task_summary import task_verdicts
+from rtdlm_experiments.analysis import compare
+from rtdlm_experiments.analysis.report import summarize_sweep
+from rtdlm_experiments.analysis.task_summary import task_verdicts
 
 
 def fake_job(folder: Path, task: str, preset: str, correct: list[float]) -> Path:

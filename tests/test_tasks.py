@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm_experiments.evaluation import ExecutionSettings, JobGenerations, task_scores
-from rtdlm_experiments.prompt_sets import build_task, load_prompts, stop_strings
-from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.job.evaluation import ExecutionSettings, JobGenerations, task_scores
+from rtdlm_experiments.job.prompt_sets import build_task, load_prompts, stop_strings
 from rtdlm_experiments.tasks import short_answers
 from rtdlm_experiments.tasks.answer_tasks import GSM8KTask, QATask
 from rtdlm_experiments.tasks.base import Generation, Prompt, Task

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from rtdlm_experiments.results import RESULTS_FILE
+from rtdlm_experiments.results.record import RESULTS_FILE
 
 CASES = {
     "gsm8k": (["max_new_tokens=128"], "accuracy"),  # short of a whole CoT: the last number is scored

@@ -16,7 +16,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from rtdlm_experiments import metric_names, report, sync
+from rtdlm_experiments.analysis import report
+from rtdlm_experiments.results import metric_names
+from rtdlm_experiments.tracking import sync
 from rtdlm_experiments.tracking.server import free_port, serve_mlflow, server_args
 
 # --- helpers ------------------------------------------------------------------------------------------

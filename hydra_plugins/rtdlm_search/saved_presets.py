@@ -1,5 +1,5 @@
 """Adds ``<output root>/conf`` to Hydra's config search path, so a sampling preset saved with
-``python -m rtdlm_experiments.presets save NAME --from-run RUN`` (``conf/sampling/NAME.yaml`` there)
+``python -m rtdlm_experiments.config.presets save NAME --from-run RUN`` (``conf/sampling/NAME.yaml`` there)
 loads with ``sampling=NAME`` like the bundled ones."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class SavedPresetsSearchPath(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from rtdlm_experiments.preset_files import saved_presets_dir
+        from rtdlm_experiments.config.preset_files import saved_presets_dir
 
         folder = saved_presets_dir().parent
         if folder.is_dir():

@@ -14,9 +14,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from rtdlm_experiments.metrics._ngrams import ngrams
-from rtdlm_experiments.metrics.repetition import ends_in_loop, repeats_within
-from rtdlm_experiments.stats import (
+from rtdlm_experiments.analysis.stats import (
     CONFIDENCE,
     RESAMPLES,
     SEED,
@@ -25,6 +23,8 @@ from rtdlm_experiments.stats import (
     group_index,
     resample_counts,
 )
+from rtdlm_experiments.metrics._ngrams import ngrams
+from rtdlm_experiments.metrics.repetition import ends_in_loop, repeats_within
 
 CI_LOW, CI_HIGH = "_ci_low", "_ci_high"
 _SHARED_CELLS_PER_CHUNK = 20_000_000
@@ -110,7 +110,8 @@ def distinct_n_interval(
     correct_bias: bool = False,
 ) -> Interval:
     """Pooled distinct-n (`rtdlm_experiments.metrics.distinct_n`) with the bootstrap CI of
-    `rtdlm_experiments.stats.bootstrap_statistic_ci` (same draws, same values), vectorised: a resample's
+    `rtdlm_experiments.analysis.stats.bootstrap_statistic_ci` (same draws, same values), vectorised: a
+    resample's
     unique n-grams are those of the groups it draws at least once, its total counts a group drawn twice
     twice. N-grams of a single group are counted per group; only shared ones need a presence table.
 

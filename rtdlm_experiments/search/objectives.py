@@ -12,8 +12,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rtdlm_experiments.metric_names import plain_name, resolve_metric
-from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.results.metric_names import plain_name, resolve_metric
 
 _DIRECTIONS = {"max": "maximize", "maximize": "maximize", "min": "minimize", "minimize": "minimize"}
 _CONSTRAINT = re.compile(r"^\s*([\w/.\-]+)\s*(>=|<=)\s*([-+0-9.eE]+)\s*$")

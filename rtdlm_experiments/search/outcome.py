@@ -118,7 +118,9 @@ def outcome_text(
         params = " ".join(f"{key}={_short(value)}" for key, value in trial.params.items())
         lines.append(f"  trial {trial.number}: {', '.join(values)}  <- {params}")
         if job_dir := trial.user_attrs.get("job_dir"):
-            lines.append(f"    save it: python -m rtdlm_experiments.presets save NAME --from-run {job_dir}")
+            lines.append(
+                f"    save it: python -m rtdlm_experiments.config.presets save NAME --from-run {job_dir}"
+            )
     if found_importances:
         lines.append("  " + importances_text(found_importances))
     used, saved = totals["generations_used"], totals["generations_saved"]

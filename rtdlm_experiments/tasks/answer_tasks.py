@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rtdlm_experiments.stats import SEED
+from rtdlm_experiments.analysis.stats import SEED
 from rtdlm_experiments.tasks import olmo_data, short_answers
 from rtdlm_experiments.tasks.base import Generation, Prompt, SampleRecord, mean_metric
 

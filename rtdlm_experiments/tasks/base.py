@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from rtdlm_experiments.analysis.stats import SEED, bootstrap_mean_ci
 from rtdlm_experiments.metrics.intervals import interval_entries
-from rtdlm_experiments.stats import SEED, bootstrap_mean_ci
 
 SHUFFLE_SEED = 1234
 """Seed of the fixed shuffle behind ``prompts.limit`` (not the job's seed: every job of a sweep gets the

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rtdlm_experiments.analysis.stats import SEED, bootstrap_mean_ci
 from rtdlm_experiments.metrics.intervals import interval_entries
-from rtdlm_experiments.stats import SEED, bootstrap_mean_ci
 from rtdlm_experiments.tasks import humaneval, olmo_data
 from rtdlm_experiments.tasks.base import Generation, Prompt, SampleRecord
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from rtdlm_experiments import prompt_sets
-from rtdlm_experiments.stats import SEED
+from rtdlm_experiments.analysis.stats import SEED
+from rtdlm_experiments.job import prompt_sets
 from rtdlm_experiments.tasks import answers, humaneval, short_answers
 from rtdlm_experiments.tasks.answer_tasks import accuracy, number_record
 from rtdlm_experiments.tasks.base import Generation, Prompt, SampleRecord, mean_metric

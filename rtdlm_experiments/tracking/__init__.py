@@ -1,11 +1,11 @@
 """MLflow: the store, job runs uploaded from their saved folders, and the parent runs of sweeps.
 
 Every job first saves ``results.json`` and ``generations.jsonl`` to its output folder
-(`rtdlm_experiments.results`) and only then fills its run here, so an unreachable tracking server loses
-nothing: ``python -m rtdlm_experiments.tracking sync <dir>`` (`rtdlm_experiments.sync`) uploads saved
+(`rtdlm_experiments.results.record`) and only then fills its run here, so an unreachable tracking server loses
+nothing: ``python -m rtdlm_experiments.tracking sync <dir>`` (`rtdlm_experiments.tracking.sync`) uploads saved
 results later, from the same files and with the same code as the live path.
 
-A multirun is one parent run with one child run per job; `rtdlm_experiments.callbacks` opens and ends
+A multirun is one parent run with one child run per job; `rtdlm_experiments.tracking.callbacks` opens and ends
 the parent. With ``tracking.parent_run_id=<id>`` a multirun resumes an existing parent instead
 (`resume_sweep`).
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.results import CONFIG_HASH_TAG, JOB_TAG
+from rtdlm_experiments.results.record import CONFIG_HASH_TAG, JOB_TAG
 
 GENERATION_COLUMNS = ("prompt_index", "sample_index", "category", "prompt", "output")
 """The leading columns of the generations table; every other scalar field of a row (its per-row

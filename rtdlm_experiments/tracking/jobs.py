@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from rtdlm_experiments.metric_names import metrics_to_log
-from rtdlm_experiments.results import (
+from rtdlm_experiments.results.metric_names import metrics_to_log
+from rtdlm_experiments.results.record import (
     GENERATIONS_FILE,
     LOGGED_FILE,
     RESULTS_FILE,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from rtdlm_experiments.metric_names import plain_metrics
-from rtdlm_experiments.results import CONFIG_HASH_TAG
+from rtdlm_experiments.results.metric_names import plain_metrics
+from rtdlm_experiments.results.record import CONFIG_HASH_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rtdlm_experiments.metric_names import namespaced
-from rtdlm_experiments.results import KEY_METRICS
-from rtdlm_experiments.schema import output_root
+from rtdlm_experiments.config.schema import output_root
+from rtdlm_experiments.results.metric_names import namespaced
+from rtdlm_experiments.results.record import KEY_METRICS
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtdlm_experiments.environment import environment_info
-from rtdlm_experiments.results import JOB_TAG, flatten_config
-from rtdlm_experiments.schema import ConfigError
+from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.results.environment import environment_info
+from rtdlm_experiments.results.record import JOB_TAG, flatten_config
 from rtdlm_experiments.tracking.contents import environment_tags
 from rtdlm_experiments.tracking.jobs import param_value
 from rtdlm_experiments.tracking.runs import child_runs, find_run, finished_child_runs

@@ -25,7 +25,7 @@ def environment_info() -> dict[str, Any]:
     return {
         "versions": versions,
         "hostname": platform.node(),
-        **git_state(Path(__file__).resolve().parents[1]),
+        **git_state(Path(__file__).resolve().parents[2]),
     }
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rtdlm_experiments import tracking
-from rtdlm_experiments.report import summarize_sweep
-from rtdlm_experiments.results import (
+from rtdlm_experiments.analysis.report import summarize_sweep
+from rtdlm_experiments.results.record import (
     HYDRA_SWEEP_FILE,
     RESULTS_FILE,
     job_dirs,

@@ -13,11 +13,11 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments.evaluation import ExecutionSettings, check_code_execution, execution_settings
+from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.job.evaluation import ExecutionSettings, check_code_execution, execution_settings
+from rtdlm_experiments.job.prompt_sets import Prompt, build_task, load_prompts, stop_strings
 from rtdlm_experiments.models import ModelPreparationError, validate_model_config
 from rtdlm_experiments.models.registry import resolve_model_engine
-from rtdlm_experiments.prompt_sets import Prompt, build_task, load_prompts, stop_strings
-from rtdlm_experiments.schema import ConfigError
 from rtdlm_experiments.tasks.base import Task
 from sampling import SamplingConfig, get_preset
 from sampling.decoding.self_speculative import SelfSpeculativeDecoder
@@ -129,11 +129,11 @@ def check_range(name: str, value: Any, low: float, high: float) -> None:
     >>> check_range("num_samples", 10**9, 1, 10_000)
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.schema.ConfigError: num_samples=1000000000 is invalid: must be in [1, 10000]
+    rtdlm_experiments.config.schema.ConfigError: num_samples=1000000000 is invalid: must be in [1, 10000]
     >>> check_range("eval.timeout_s", float("nan"), 0.001, 3600)
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.schema.ConfigError: eval.timeout_s=nan is invalid: must be in [0.001, 3600]
+    rtdlm_experiments.config.schema.ConfigError: eval.timeout_s=nan is invalid: must be in [0.001, 3600]
     """
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} is invalid: must be in [{low:g}, {high:g}]")

@@ -2,7 +2,7 @@
 ``generations.jsonl`` (one row per generated sequence) and, in a sweep's folder, ``sweep.json``.
 
 These files are the source of truth: MLflow runs (`rtdlm_experiments.tracking`) and summary tables
-(`rtdlm_experiments.report`) are built from them, live or later by ``sync``.
+(`rtdlm_experiments.analysis.report`) are built from them, live or later by ``sync``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtdlm_experiments.environment import environment_info
+from rtdlm_experiments.results.environment import environment_info
 
 if TYPE_CHECKING:
-    from rtdlm_experiments.app import JobResult, JobSpec
+    from rtdlm_experiments.job.app import JobResult, JobSpec
 
 RESULTS_FILE = "results.json"
 GENERATIONS_FILE = "generations.jsonl"

@@ -2,7 +2,7 @@
 
 - 95% bootstrap CIs over prompts for the generation metrics (`rtdlm_experiments.metrics.intervals`);
 - ``judge_nll_per_token`` / ``judge_perplexity`` from a judge's per-generation NLL
-  (`rtdlm_experiments.judge`);
+  (`rtdlm_experiments.job.judge`);
 - the task's own scores (`rtdlm_experiments.tasks.base.Task`: e.g. ``pass_at_<k>``, ``accuracy``,
   ``exact_match``), with one record per scored (problem, sample) for an artifact file and, when scoring ran
   code in the sandbox, its isolation as a tag.
@@ -17,9 +17,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rtdlm_experiments.analysis.stats import RESAMPLES, SEED, Interval, bootstrap_ratio_ci
+from rtdlm_experiments.config.schema import ConfigError
 from rtdlm_experiments.metrics.intervals import generation_intervals, interval_entries
-from rtdlm_experiments.schema import ConfigError
-from rtdlm_experiments.stats import RESAMPLES, SEED, Interval, bootstrap_ratio_ci
 from rtdlm_experiments.tasks.base import Generation, Prompt, Task, samples_file
 from rtdlm_experiments.tasks.execution import sandbox_isolation
 from rtdlm_experiments.tasks.prompt_file import PromptSetTask

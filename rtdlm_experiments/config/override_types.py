@@ -1,6 +1,7 @@
 """Command-line overrides of numeric fields checked before Hydra composes the config: Hydra rejects
 ``seed=abc`` with a multi-line message and exit code 1, where every other bad value gets one line and
-exit code 2 (`rtdlm_experiments.schema.ConfigError`). The schema dataclasses say which keys are numeric.
+exit code 2 (`rtdlm_experiments.config.schema.ConfigError`). The schema dataclasses say which keys are
+numeric.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import dataclasses
 import typing
 from collections.abc import Iterator, Sequence
 
-from rtdlm_experiments.schema import DECODER_SCHEMAS, ConfigError, ExperimentConfig
+from rtdlm_experiments.config.schema import DECODER_SCHEMAS, ConfigError, ExperimentConfig
 
 NUMERIC = (int, float)
 _SWEEP_SYNTAX = ("(", "[", "{", "$")
@@ -63,7 +64,7 @@ def check_overrides(arguments: Sequence[str]) -> None:
     >>> check_overrides(["seed=abc"])
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.schema.ConfigError: seed='abc' is invalid: must be an integer
+    rtdlm_experiments.config.schema.ConfigError: seed='abc' is invalid: must be an integer
     """
     keys = numeric_keys()
     for argument in arguments:

@@ -22,7 +22,7 @@ from sampling.config import sampling_params
 OUTPUT_DIR_ENV = "RTDLM_OUTPUT_DIR"
 """Environment variable that overrides where runs, multiruns and the MLflow store are written."""
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 
 class ConfigError(CompactHydraException, ValueError):

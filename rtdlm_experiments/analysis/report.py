@@ -1,8 +1,8 @@
 """Side-by-side tables and plots of tracked runs.
 
-    python -m rtdlm_experiments.report                      # every job of the default experiment
-    python -m rtdlm_experiments.report --sweep <parent run id>
-    python -m rtdlm_experiments.report --experiment my-exp --sort-by distinct_2
+    python -m rtdlm_experiments.analysis.report                      # every job of the default experiment
+    python -m rtdlm_experiments.analysis.report --sweep <parent run id>
+    python -m rtdlm_experiments.analysis.report --experiment my-exp --sort-by distinct_2
 
 Writes ``report.csv``, ``report.md`` and ``report.png`` and prints the Markdown table. The same table and
 plot are written for every sweep (`summarize_sweep`) and attached to its parent run.
@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from rtdlm_experiments import compare, tracking
-from rtdlm_experiments.markdown import markdown_table
-from rtdlm_experiments.metric_names import plain_metrics, resolve_metric, value_range
-from rtdlm_experiments.results import (
+from rtdlm_experiments import tracking
+from rtdlm_experiments.analysis import compare
+from rtdlm_experiments.analysis.markdown import markdown_table
+from rtdlm_experiments.analysis.task_summary import task_verdicts, verdicts_markdown
+from rtdlm_experiments.config.schema import output_root
+from rtdlm_experiments.results.metric_names import plain_metrics, resolve_metric, value_range
+from rtdlm_experiments.results.record import (
     JOB_TAG,
     KEY_METRICS,
     SUMMARY_STEM,
@@ -30,8 +33,6 @@ from rtdlm_experiments.results import (
     job_dirs,
     load_job,
 )
-from rtdlm_experiments.schema import output_root
-from rtdlm_experiments.task_summary import task_verdicts, verdicts_markdown
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -327,7 +328,7 @@ def write_report(table: pd.DataFrame, out_dir: Path, stem: str = "report") -> di
 def summarize_sweep(sweep_dir: Path) -> dict[str, Path]:
     """Summary table (CSV, Markdown) and plot of every job of the sweep, from the saved records, written
     to the sweep folder, and, when a task has several jobs, per task its best job against the runner-up
-    (`rtdlm_experiments.task_summary`); returns their paths (empty when no job saved a record)."""
+    (`rtdlm_experiments.analysis.task_summary`); returns their paths (empty when no job saved a record)."""
     records = [load_job(job_dir)[0] for job_dir in job_dirs(sweep_dir)]
     if not records:
         return {}
@@ -344,10 +345,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["--compare"]:
         return compare.main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m rtdlm_experiments.report",
+        prog="python -m rtdlm_experiments.analysis.report",
         description=__doc__.split("\n")[0],
         epilog="Paired comparison of two jobs: --compare RUN_A RUN_B (run ids or job folders; "
-        "see python -m rtdlm_experiments.compare --help).",
+        "see python -m rtdlm_experiments.analysis.compare --help).",
     )
     parser.add_argument("--experiment", default="rtdlm-experiments", help="MLflow experiment name")
     parser.add_argument("--sweep", metavar="RUN_ID", help="only the children of this sweep's parent run")

@@ -3,7 +3,7 @@
 For ``sweep=presets_by_task`` (presets × tasks) this is the guide's preset table made empirical: within
 each task (``prompts.name``) the jobs are ranked by the task's headline metric (the first of
 :data:`HEADLINE_METRICS` they have), and the best is compared with the runner-up row by row on the same
-problems and samples (paired bootstrap over problems, `rtdlm_experiments.stats.paired_comparison`).
+problems and samples (paired bootstrap over problems, `rtdlm_experiments.analysis.stats.paired_comparison`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments import compare
-from rtdlm_experiments.markdown import markdown_table
-from rtdlm_experiments.results import load_job
-from rtdlm_experiments.stats import PairedComparison, paired_comparison
+from rtdlm_experiments.analysis import compare
+from rtdlm_experiments.analysis.markdown import markdown_table
+from rtdlm_experiments.analysis.stats import PairedComparison, paired_comparison
+from rtdlm_experiments.results.record import load_job
 
 HEADLINE_METRICS = {"pass_at_1": "pass", "accuracy": "correct", "exact_match": "exact_match",
                     "contains_answer": "contains_answer"}  # fmt: skip

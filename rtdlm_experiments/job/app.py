@@ -1,7 +1,7 @@
 """One experiment job: validated spec → model + decoder → generations → metrics.
 
-Everything here is computation: validation is `rtdlm_experiments.validation`'s (re-exported here), the
-job's record format `rtdlm_experiments.results`', saving and logging it the entry point's
+Everything here is computation: validation is `rtdlm_experiments.config.validation`'s (re-exported here), the
+job's record format `rtdlm_experiments.results.record`', saving and logging it the entry point's
 (`rtdlm_experiments.__main__`).
 """
 
@@ -16,22 +16,27 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from rtdlm_experiments.companions import check_same_tokenizer as check_same_tokenizer  # re-exported
-from rtdlm_experiments.companions import load_companion
-from rtdlm_experiments.evaluation import JobGenerations, evaluate_job
-from rtdlm_experiments.judge import generation_nll
-from rtdlm_experiments.metrics import all_metrics
-from rtdlm_experiments.models import load_model
-from rtdlm_experiments.prompt_sets import Prompt
-from rtdlm_experiments.schema import ConfigError
-from rtdlm_experiments.search.racing import Race, select_rows
-from rtdlm_experiments.validation import DRAFT_MODEL_KEY, JobSpec, check_model_fit, validate_decoder_config
-from rtdlm_experiments.validation import (  # re-exported: the app's public API since before the split
+from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.validation import (
+    DRAFT_MODEL_KEY,
+    JobSpec,
+    check_model_fit,
+    validate_decoder_config,
+)
+from rtdlm_experiments.config.validation import (  # re-exported: the app's public API since before the split
     TRACKING_BACKENDS as TRACKING_BACKENDS,
 )
-from rtdlm_experiments.validation import prepare_job as prepare_job
-from rtdlm_experiments.validation import resolved_config as resolved_config
-from rtdlm_experiments.validation import sampling_config as sampling_config
+from rtdlm_experiments.config.validation import prepare_job as prepare_job
+from rtdlm_experiments.config.validation import resolved_config as resolved_config
+from rtdlm_experiments.config.validation import sampling_config as sampling_config
+from rtdlm_experiments.job.companions import check_same_tokenizer as check_same_tokenizer  # re-exported
+from rtdlm_experiments.job.companions import load_companion
+from rtdlm_experiments.job.evaluation import JobGenerations, evaluate_job
+from rtdlm_experiments.job.judge import generation_nll
+from rtdlm_experiments.job.prompt_sets import Prompt
+from rtdlm_experiments.metrics import all_metrics
+from rtdlm_experiments.models import load_model
+from rtdlm_experiments.search.racing import Race, select_rows
 from sampling.decoding import AutoregressiveDecoder
 from sampling.decoding.base import CausalLM, Decoder, GenerateOptions, GenerationOutput, Progress
 from sampling.decoding.stopping import StopStrings, truncate_at_stop
@@ -53,7 +58,7 @@ class Row:
 
 @dataclass
 class JobResult:
-    """What a job computed; `rtdlm_experiments.results` turns it into the job's record."""
+    """What a job computed; `rtdlm_experiments.results.record` turns it into the job's record."""
 
     output: GenerationOutput
     rows: list[Row]
@@ -250,7 +255,7 @@ def _evaluate(
     judge: CausalLM | None,
     timings: dict[str, float],
 ) -> Any:
-    """Judge likelihood, task scores and CIs (`rtdlm_experiments.evaluation`), timed into ``timings``."""
+    """Judge likelihood, task scores and CIs (`rtdlm_experiments.job.evaluation`), timed into ``timings``."""
     judge_nll = None
     if judge is not None:
         tick = time.perf_counter()

@@ -3,7 +3,7 @@
 Before any job starts, in the launching process, it writes ``<sweep dir>/sweep.json`` (which every job
 reads, whatever launcher runs it: joblib workers, submitit/Slurm jobs) and, with MLflow tracking, opens
 the sweep's parent run. When the sweep ends, also when Hydra aborts it after a failed job, it writes the
-summary table and plot (`rtdlm_experiments.report.summarize_sweep`), ends the parent FINISHED or
+summary table and plot (`rtdlm_experiments.analysis.report.summarize_sweep`), ends the parent FINISHED or
 FAILED with them attached, and prints the table, each failed job's error and the UI link once.
 """
 
@@ -20,8 +20,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from rtdlm_experiments import terminal, tracking
-from rtdlm_experiments.report import summarize_sweep
-from rtdlm_experiments.results import (
+from rtdlm_experiments.analysis.report import summarize_sweep
+from rtdlm_experiments.results.record import (
     KEY_METRICS,
     RESULTS_FILE,
     job_dirs,

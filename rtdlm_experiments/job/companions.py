@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from rtdlm_experiments.config.schema import ConfigError
 from rtdlm_experiments.models import load_model
-from rtdlm_experiments.schema import ConfigError
 
 _TOKENIZER_PROBE = "def f(x):\n    return x * 2  # Ünïcödé, 数字 and emoji 🙂"
 _WHY_SAME_TOKENIZER = {

@@ -18,8 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-from rtdlm_experiments.metric_names import plain_metrics, plain_name
-from rtdlm_experiments.report import to_markdown
+from rtdlm_experiments.analysis.report import to_markdown
+from rtdlm_experiments.results.metric_names import plain_metrics, plain_name
 
 
 @dataclass(frozen=True)

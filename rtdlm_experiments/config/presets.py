@@ -1,9 +1,9 @@
 """See what a sampling preset does before running it: every effective field, overrides applied.
 
-    python -m rtdlm_experiments.presets                      # every preset side by side
-    python -m rtdlm_experiments.presets creative             # one preset, field by field
-    python -m rtdlm_experiments.presets creative top_p=0.8   # ... with the overrides a run would apply
-    python -m rtdlm_experiments.presets save NAME --from-run RUN  # a run's config, as sampling=NAME
+    python -m rtdlm_experiments.config.presets                      # every preset side by side
+    python -m rtdlm_experiments.config.presets creative             # one preset, field by field
+    python -m rtdlm_experiments.config.presets creative top_p=0.8   # ... with the overrides a run would apply
+    python -m rtdlm_experiments.config.presets save NAME --from-run RUN  # a run's config, as sampling=NAME
 
 The numbers live in `sampling.PRESETS`; the ``sampling/`` config group only names a preset, which is
 why ``--cfg job`` shows its fields as ``null`` ("the preset's value").
@@ -69,10 +69,10 @@ def table() -> str:
 
 def save_main(argv: Sequence[str]) -> int:
     """``save NAME --from-run RUN``: write a job's (or a search's best) sampling config as a preset file."""
-    from rtdlm_experiments.preset_files import sampling_from_run, save_preset
+    from rtdlm_experiments.config.preset_files import sampling_from_run, save_preset
 
     parser = argparse.ArgumentParser(
-        prog="python -m rtdlm_experiments.presets save",
+        prog="python -m rtdlm_experiments.config.presets save",
         description="Save a run's sampling config as a preset that sampling=NAME loads.",
     )
     parser.add_argument("name", help="the new preset's name")
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["save"]:
         return save_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m rtdlm_experiments.presets", description="Show a sampling preset's effective values."
+        prog="python -m rtdlm_experiments.config.presets",
+        description="Show a sampling preset's effective values."
     )
     parser.add_argument("name", nargs="?", help=f"a preset: {', '.join(PRESETS)} (default: all)")
     parser.add_argument("overrides", nargs="*", help="FIELD=VALUE as on the app's command line")

@@ -1,9 +1,11 @@
-"""Paired comparison of two jobs: ``python -m rtdlm_experiments.compare A B`` (job folders or MLflow run ids).
+"""Paired comparison of two jobs: ``python -m rtdlm_experiments.analysis.compare A B`` (job folders or
+MLflow run ids).
 
 Rows are matched by (prompt_index, sample_index); for each key metric the difference B − A of the per-row
-values gets a paired-bootstrap 95% CI over prompts and a p-value (`rtdlm_experiments.stats`), and a plain
+values gets a paired-bootstrap 95% CI over prompts and a p-value (`rtdlm_experiments.analysis.stats`), and
+a plain
 verdict: "within noise" when the CI holds 0, "too few prompts to tell" below
-`rtdlm_experiments.stats.MIN_PAIRED_PROMPTS` prompts. Per-row metrics: ``pass`` (HumanEval jobs),
+`rtdlm_experiments.analysis.stats.MIN_PAIRED_PROMPTS` prompts. Per-row metrics: ``pass`` (HumanEval jobs),
 ``exact_match`` / ``contains_answer`` (prompts with answers), ``mean_logprob``, ``new_tokens``,
 ``seq_rep_4``, ``rep_w16``, ``loop`` (ends in a loop) and ``distinct_2`` within the row.
 """
@@ -19,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rtdlm_experiments.analysis.stats import RESAMPLES, paired_comparison
 from rtdlm_experiments.metrics import distinct_n, ends_in_loop, seq_rep_n
 from rtdlm_experiments.metrics.repetition import repeats_within
-from rtdlm_experiments.results import GENERATIONS_FILE, RESULTS_FILE, load_job
-from rtdlm_experiments.stats import RESAMPLES, paired_comparison
+from rtdlm_experiments.results.record import GENERATIONS_FILE, RESULTS_FILE, load_job
 from rtdlm_experiments.tasks import answers
 from rtdlm_experiments.tasks.base import SAMPLES_SUFFIX
 
@@ -181,7 +183,7 @@ def load_either(
 def main(argv: Sequence[str] | None = None) -> int:
     """``compare A B [--tracking-uri URI] [--resamples N]``: print the paired comparison of two jobs."""
     parser = argparse.ArgumentParser(
-        prog="python -m rtdlm_experiments.compare", description=__doc__.split("\n")[0]
+        prog="python -m rtdlm_experiments.analysis.compare", description=__doc__.split("\n")[0]
     )
     parser.add_argument("a", help="job folder or MLflow run id (A)")
     parser.add_argument("b", help="job folder or MLflow run id (B)")

@@ -1,0 +1,1 @@
+"""Reading jobs back: tables, plots, paired comparisons, bootstrap statistics, drift."""

@@ -1,0 +1,1 @@
+"""What a job is asked to do: structured configs, validation into a JobSpec, the preset viewer."""

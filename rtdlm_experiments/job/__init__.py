@@ -1,0 +1,1 @@
+"""One job: prompts in, models and decoder built, generations scored (computation only)."""
