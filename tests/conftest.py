@@ -27,6 +27,16 @@ def pytest_report_header() -> str:
     return f"rtdlm test device: {TEST_DEVICE}"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """On CI (``CI`` set, as `.ci/run` runs) the llama.cpp engine must be installed: its tests skip where it
+    is missing, and a CI run that skipped them would pass without testing the engine."""
+    if os.environ.get("CI"):
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError as err:
+            pytest.exit(f"CI is set but llama-cpp-python is not importable ({err}): pip install -e '.[test]'", 3)
+
+
 @pytest.fixture(scope="session")
 def test_device() -> torch.device:
     """The device named by ``RTDLM_TEST_DEVICE`` (default cpu); an unavailable CUDA device is an error,
