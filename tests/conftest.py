@@ -34,7 +34,8 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             import llama_cpp  # noqa: F401
         except ImportError as err:
-            pytest.exit(f"CI is set but llama-cpp-python is not importable ({err}): pip install -e '.[test]'", 3)
+            pytest.exit(f"CI is set but llama-cpp-python is not importable ({err}): pip install -e '.[test]'",
+                        returncode=3)
 
 
 @pytest.fixture(scope="session")
