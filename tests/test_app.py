@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from composed import compose_config
+from omegaconf import OmegaConf
 
 from rtdlm_experiments.config import validation
 from rtdlm_experiments.config.errors import ConfigError
@@ -24,11 +24,6 @@ from sampling import PRESETS
 from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
 
 CONF = config_dir()
-
-
-def compose_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 def group_options() -> list[tuple[str, str]]:

@@ -11,24 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
+from composed import compose_tiny as compose_config
 
 from rtdlm_experiments.analysis import compare, report
 from rtdlm_experiments.analysis.stats import bootstrap_statistic_ci
 from rtdlm_experiments.config import validation
 from rtdlm_experiments.config.errors import ConfigError
-from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.job import app
 from rtdlm_experiments.job.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.metrics import distinct_n
 from rtdlm_experiments.metrics.intervals import CI_HIGH, CI_LOW, distinct_n_interval
 from rtdlm_experiments.results import record as results
 from rtdlm_experiments.tasks.execution import STATUSES
-
-
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=["model=tiny-random", *overrides])
 
 
 def save(tmp_path: Path, name: str, spec: validation.JobSpec, result: app.JobResult) -> Path:

@@ -11,12 +11,10 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from composed import compose_tiny as compose_config
 
 from rtdlm_experiments.config import validation
 from rtdlm_experiments.config.errors import ConfigError
-from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.config.schema import SamplingSchema
 from rtdlm_experiments.job import app
 from rtdlm_experiments.results import record as results
@@ -67,11 +65,6 @@ BAD = {
     "order": ("[top_k,wild]", "unknown stage(s) ['wild']"),
 }
 """Each new field: a value of the right type but out of range, and what the one-line error says."""
-
-
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=["model=tiny-random", *overrides])
 
 
 def test_the_schema_and_the_tables_cover_every_sampling_field():
