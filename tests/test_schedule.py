@@ -342,3 +342,33 @@ def test_default_key_is_the_sweep_and_the_date():
     import datetime
 
     assert schedule.default_key("nightly", datetime.date(2025, 3, 9)) == "nightly-2025-03-09"
+
+
+def test_runs_with_the_old_tag_spellings_are_still_resumed_and_compared(
+    empty_mlflow_store: Path, tmp_path: Path
+):
+    """Parents written before ``rtdlm.schedule.sweep``/``rtdlm.schedule.host`` became ``rtdlm.sweep``/
+    ``rtdlm.host``: their host still guards a RUNNING key, a resume moves it to the new tag, and they are
+    still found as a drift baseline."""
+    from rtdlm_experiments.tracking import scheduled
+
+    shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")
+    client = tracking.mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.ensure_experiment(client, "old-tags")
+    old = {names.SCHEDULE_KEY_TAG: "day1", names.LEGACY_SCHEDULE_SWEEP_TAG: "nightly"}
+    old_id = tracking.start_sweep(client, experiment_id, "day1", {**old, names.LEGACY_SCHEDULE_HOST_TAG: "b"})
+    client.set_tag(old_id, names.HOST_TAG, "a")  # the host that created it; "b" resumed it last
+    assert scheduled.find_key_run(client, experiment_id, "day1").host == "b"
+    scheduled.claim_scheduled_run(client, old_id, "c")
+    tags = client.get_run(old_id).data.tags
+    assert tags[names.HOST_TAG] == "c" and names.LEGACY_SCHEDULE_HOST_TAG not in tags
+    assert scheduled.find_key_run(client, experiment_id, "day1").host == "c"
+
+    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": old_id, names.CONFIG_HASH_TAG: "h1"})
+    client.set_terminated(job.info.run_id)
+    time.sleep(0.01)  # the new parent starts later
+    new_id = scheduled.start_scheduled_sweep(client, experiment_id, "day2", "nightly", "c", [])
+    assert client.get_run(new_id).data.tags[names.SWEEP_TAG] == "nightly"
+    baseline, jobs = scheduled.find_baseline(client, new_id, "nightly", {"h1"})
+    assert baseline.run_id == old_id and set(jobs) == {"h1"}
+    assert scheduled.find_baseline(client, new_id, "other-sweep", {"h1"}) is None
