@@ -24,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from rtdlm_experiments import terminal, tracking
 from rtdlm_experiments.config import override_types
-from rtdlm_experiments.config.schema import ConfigError, config_dir, ensure_output_root
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.paths import config_dir, ensure_output_root
+from rtdlm_experiments.config.validation import prepare_job, resolved_config
 from rtdlm_experiments.job import app
 from rtdlm_experiments.results import record as results
 from rtdlm_experiments.results.environment import environment_info
@@ -43,27 +45,29 @@ def main(cfg: DictConfig) -> dict[str, float]:
     sweep_dir = Path(job.sweep_dir) if job.sweep_dir else None
     tracked = cfg.tracking.backend == "mlflow"
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if tracked else None
-    spec = started = None
+    started = config = None
     try:
-        spec = app.prepare_job(cfg)
-        if finished := _finished_earlier(cfg, spec, sweep_dir):
-            return _reuse(cfg, spec, job, finished, tracking_uri)
+        spec = prepare_job(cfg)
+        config = resolved_config(cfg, spec)
+        if finished := _finished_earlier(config, sweep_dir):
+            return _reuse(cfg, config, job, finished, tracking_uri)
         if tracked:
             started = tracking.start_job_run(
-                cfg.tracking.uri, cfg.experiment_name, _pending_record(cfg, spec, job), sweep_dir
+                cfg.tracking.uri, cfg.experiment_name, _pending_record(config, job), sweep_dir
             )
         race = search_trial.race_for_job(cfg, sweep_dir)
         result = app.run_job(spec, progress_factory=terminal.progress_factory, race=race)
     except Exception as err:
         if isinstance(err, ConfigError) and hydra_cfg.mode == RunMode.RUN:
             _reject(job_dir, started, err)
-        config = app.resolved_config(cfg, spec) if spec else OmegaConf.to_container(cfg, resolve=True)
+        if config is None:
+            config = OmegaConf.to_container(cfg, resolve=True)
         results.save_job(job_dir, results.failure_record(config, job, err, tracking_uri), [])
         if tracked:
             tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, sweep_dir, started)
         raise
 
-    record = results.job_record(app.resolved_config(cfg, spec), result, job, tracking_uri)
+    record = results.job_record(config, result, job, tracking_uri)
     results.save_job(job_dir, record, results.generation_records(spec, result), result.artifacts)
     run = None
     if tracked:
@@ -72,9 +76,8 @@ def main(cfg: DictConfig) -> dict[str, float]:
     return result.metrics
 
 
-def _pending_record(cfg: DictConfig, spec: app.JobSpec, job: results.JobMeta) -> dict[str, Any]:
+def _pending_record(config: dict[str, Any], job: results.JobMeta) -> dict[str, Any]:
     """What is known of a job before it generates: enough to open its run (name, tags, params)."""
-    config = app.resolved_config(cfg, spec)
     return {
         "status": "RUNNING",
         "config": config,
@@ -93,22 +96,22 @@ def _reject(job_dir: Path, started: tracking.TrackedRun | None, err: Exception) 
     raise SystemExit(2) from None
 
 
-def _finished_earlier(cfg: DictConfig, spec: app.JobSpec, sweep_dir: Path | None) -> dict[str, Any] | None:
+def _finished_earlier(config: dict[str, Any], sweep_dir: Path | None) -> dict[str, Any] | None:
     """This job's FINISHED run from an earlier attempt, when its sweep resumes a parent run."""
     if sweep_dir is None:
         return None
-    return results.finished_job_on_disk(sweep_dir, results.config_hash(app.resolved_config(cfg, spec)))
+    return results.finished_job_on_disk(sweep_dir, results.config_hash(config))
 
 
 def _reuse(
     cfg: DictConfig,
-    spec: app.JobSpec,
+    config: dict[str, Any],
     job: results.JobMeta,
     finished: dict[str, Any],
     tracking_uri: str | None,
 ) -> dict[str, float]:
     """A resumed sweep's job that already FINISHED: record that (no new run) instead of generating."""
-    record = results.reused_record(app.resolved_config(cfg, spec), job, tracking_uri, finished)
+    record = results.reused_record(config, job, tracking_uri, finished)
     job_dir = Path(job.output_dir)
     results.save_job(job_dir, record, [])
     tracking.upload_job(job_dir, cfg.tracking.uri, cfg.experiment_name, Path(job.sweep_dir))

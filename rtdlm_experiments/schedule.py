@@ -43,11 +43,11 @@ from omegaconf import DictConfig
 
 from rtdlm_experiments import tracking
 from rtdlm_experiments.analysis import drift
-from rtdlm_experiments.config.schema import config_dir, output_root
+from rtdlm_experiments.config.paths import config_dir, output_root
+from rtdlm_experiments.tracking import scheduled
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-    from mlflow.entities import Run
+    from rtdlm_experiments.tracking.runs import MlflowClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,13 +57,6 @@ EXIT_LOCKED = 75
 """``EX_TEMPFAIL`` of sysexits.h: not an error of this run; a later try may succeed."""
 
 LOCK_FILE = "schedule.lock"
-KEY_TAG = "rtdlm.schedule.key"
-SWEEP_TAG = "rtdlm.schedule.sweep"
-HOST_TAG = "rtdlm.schedule.host"
-DRIFT_TAG = "rtdlm.drift"
-"""``ok``, ``drift`` or ``no_baseline``."""
-DRIFT_BASELINE_TAG = "rtdlm.drift.baseline_run_id"
-DRIFT_DETAILS_TAG = "rtdlm.drift.drifted"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}")
 """Keys and sweep names: no quotes or spaces, so they are safe in MLflow search filters and file names."""
@@ -121,6 +114,9 @@ def compose_sweep(sweep: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from rtdlm_experiments.config.schema import register_configs
+
+    register_configs()  # the typed schemas the config's defaults name (``decoder/autoregressive_schema``...)
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     fixed = [override.input_line for override in parsed if not override.is_sweep_override()]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="schedule"):
@@ -157,32 +153,15 @@ def run_sweep(command: Sequence[str], lock_fd: int) -> int:
 # --- drift --------------------------------------------------------------------------------------------
 
 
-def find_baseline(
-    client: MlflowClient, parent: Run, sweep: str, config_hashes: set[str]
-) -> tuple[Run, dict[str, dict[str, Any]]] | None:
-    """The latest scheduled run of ``sweep`` started before ``parent`` with a FINISHED job of one of
-    ``config_hashes``, and its finished jobs. Runs of the same sweep with other overrides (another
-    model, say) share no config hash with ``parent`` and are passed over."""
-    runs = tracking.search_runs_by_tag(client, parent.info.experiment_id, {SWEEP_TAG: sweep})
-    for run in runs:
-        if run.info.run_id == parent.info.run_id or run.info.start_time >= parent.info.start_time:
-            continue
-        jobs = tracking.finished_child_runs(client, run)
-        if jobs.keys() & config_hashes:
-            return run, jobs
-    return None
-
-
 def check_drift(
     client: MlflowClient, parent_run_id: str, sweep: str, tolerances: Mapping[str, drift.Tolerance]
 ) -> bool:
     """Compare the sweep's finished jobs with the baseline's, attach the comparison to the parent run
     and print the drifted metrics; returns whether something drifted."""
-    parent = client.get_run(parent_run_id)
-    current = tracking.finished_child_runs(client, parent)
-    baseline = find_baseline(client, parent, sweep, set(current)) if current else None
+    parent, current = scheduled.scheduled_jobs(client, parent_run_id)
+    baseline = scheduled.find_baseline(client, parent_run_id, sweep, set(current)) if current else None
     if baseline is None:
-        tracking.attach_files(client, parent_run_id, [], {DRIFT_TAG: "no_baseline"})
+        scheduled.attach_drift(client, parent_run_id, "no_baseline")
         _say(
             f"drift: no earlier scheduled run of sweep={sweep} finished one of these configs: "
             "nothing to compare"
@@ -190,24 +169,20 @@ def check_drift(
         return False
     base_run, base_jobs = baseline
     report = drift.compare(base_jobs, current, tolerances)
-    out_dir = Path(parent.data.tags.get("sweep_dir") or output_root() / "schedule" / parent.info.run_name)
+    out_dir = Path(parent.sweep_dir or output_root() / "schedule" / parent.run_name)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = [out_dir / "drift.csv", out_dir / "drift.md"]
     report.table.to_csv(files[0], index=False)
     files[1].write_text(
-        drift.to_text(report, f"{base_run.info.run_name} (run {base_run.info.run_id})"), encoding="utf-8"
+        drift.to_text(report, f"{base_run.run_name} (run {base_run.run_id})"), encoding="utf-8"
     )
     drifted = [
         f"{row.run}: {row.metric} {row.previous:.4g} -> {row.current:.4g} (tolerance {row.tolerance})"
         for row in report.drifted.itertuples()
     ]
-    tags = {DRIFT_TAG: "drift" if report.has_drift else "ok", DRIFT_BASELINE_TAG: base_run.info.run_id}
-    if drifted:
-        tags[DRIFT_DETAILS_TAG] = "; ".join(drifted)[:5000]
-    tracking.attach_files(client, parent_run_id, files, tags, artifact_path="drift")
-    compared = (
-        f"{report.matched_jobs} jobs compared with {base_run.info.run_name} (run {base_run.info.run_id})"
-    )
+    verdict = "drift" if report.has_drift else "ok"
+    scheduled.attach_drift(client, parent_run_id, verdict, files, base_run.run_id, drifted)
+    compared = f"{report.matched_jobs} jobs compared with {base_run.run_name} (run {base_run.run_id})"
     if report.has_drift:
         _say(f"drift: DRIFT in {len(report.drifted)} metrics, {compared}:")
         print("\n".join(f"  {line}" for line in drifted), flush=True)
@@ -260,7 +235,7 @@ def schedule(
     code = run_sweep(sweep_command(sweep, overrides, parent_run_id), lock_fd)
     if tracking.end_if_running(client, parent_run_id):
         _say(f"the sweep stopped before ending run {parent_run_id}: marked FAILED")
-    status = client.get_run(parent_run_id).info.status
+    status = scheduled.run_status(client, parent_run_id)
     if code != 0:
         _say(f"sweep={sweep} key={key} failed (exit code {code}, run {status}); the same command resumes it")
     drifted = check_drift(client, parent_run_id, sweep, tolerances)
@@ -308,37 +283,27 @@ def parent_run_for_key(
     """The parent run this attempt logs under: the key's earlier one when it did not finish (resumed),
     else a new one; None when the key already FINISHED. Raises `_Stop` when the key runs elsewhere."""
     host = socket.gethostname()
-    earlier = tracking.search_runs_by_tag(client, experiment_id, {KEY_TAG: key}, max_results=1)
-    parent = earlier[0] if earlier and not force else None
+    parent = None if force else scheduled.find_key_run(client, experiment_id, key)
     if parent is None:
-        tags = {
-            KEY_TAG: key,
-            SWEEP_TAG: sweep,
-            HOST_TAG: host,
-            "rtdlm.schedule.overrides": " ".join(overrides),
-        }
-        parent_run_id = tracking.start_sweep(client, experiment_id, key, tags)
+        parent_run_id = scheduled.start_scheduled_sweep(client, experiment_id, key, sweep, host, overrides)
         _say(f"key {key}: running sweep={sweep} as run {parent_run_id} at {uri}")
         return parent_run_id
-    if parent.info.status == "FINISHED":
+    if parent.status == "FINISHED":
         _say(
-            f"key {key} already FINISHED as run {parent.info.run_id} at {uri}: nothing to do "
+            f"key {key} already FINISHED as run {parent.run_id} at {uri}: nothing to do "
             "(--force reruns it)"
         )
         return None
-    if parent.info.status == "RUNNING" and parent.data.tags.get(HOST_TAG) != host:
+    if parent.status == "RUNNING" and parent.host != host:
         raise _fail(
             EXIT_LOCKED,
-            f"key {key} is RUNNING as run {parent.info.run_id} on {parent.data.tags.get(HOST_TAG)}; "
+            f"key {key} is RUNNING as run {parent.run_id} on {parent.host}; "
             "not starting it here too (--force starts a new run)",
         )
     # FAILED, KILLED, or RUNNING on this host although we hold the lock: its scheduler died.
-    client.set_tag(parent.info.run_id, HOST_TAG, host)
-    _say(
-        f"key {key}: resuming run {parent.info.run_id} ({parent.info.status}); "
-        "its FINISHED jobs are not rerun"
-    )
-    return parent.info.run_id
+    scheduled.claim_scheduled_run(client, parent.run_id, host)
+    _say(f"key {key}: resuming run {parent.run_id} ({parent.status}); its FINISHED jobs are not rerun")
+    return parent.run_id
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from rtdlm_experiments.config.schema import register_configs
+
+register_configs()  # tests compose the config with Hydra's compose API, which needs the typed schemas
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Before any test module imports mlflow, which starts its telemetry client at import time.

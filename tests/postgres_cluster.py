@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from rtdlm_experiments.tracking.server import free_port, stop_process_group
+
 SUPERUSER = "rtdlm"
 _RUN_AS_CANDIDATES = ("postgres", "nobody")
 """As root: Debian's ``postgres`` account (its package creates it), else ``nobody``. Never a new account:
@@ -49,14 +51,6 @@ def unprivileged_account() -> pwd.struct_passwd | None:
         except KeyError:
             continue
     raise RuntimeError(f"running as root and none of the accounts {_RUN_AS_CANDIDATES} exists")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Cluster:
@@ -124,14 +118,8 @@ class Cluster:
     def stop(self, timeout: float = 30) -> None:
         """Fast shutdown (SIGINT: sessions are ended, the data is checkpointed), SIGKILL after ``timeout``."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=timeout)
+        if process is not None:
+            stop_process_group(process, timeout, first_signal=signal.SIGINT)
 
     def remove(self) -> None:
         try:

@@ -17,8 +17,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 from rtdlm_experiments.results.metric_names import metrics_to_log
-from rtdlm_experiments.results.record import CONFIG_HASH_TAG
 from rtdlm_experiments.tracking import SWEEP_TAG
+from rtdlm_experiments.tracking.names import CONFIG_HASH_TAG
 from rtdlm_experiments.tracking.server import serve_mlflow, server_args
 
 
@@ -62,7 +62,7 @@ def assert_each_job_finished_once(
     parent, deleted runs counted too. Returns the parent and its live children in job order."""
     parent_id = json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
     runs = store.all_runs(experiment)
-    sweep_parents = [run for run in runs if run.data.tags.get(SWEEP_TAG) == "true"]
+    sweep_parents = [run for run in runs if SWEEP_TAG in run.data.tags]
     assert len(sweep_parents) == parents, [run.info.run_name for run in sweep_parents]
     (parent,) = [run for run in sweep_parents if run.info.run_id == parent_id]
     assert parent.info.status == "FINISHED"

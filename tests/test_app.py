@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from composed import compose_config
+from omegaconf import OmegaConf
 
-from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.config import validation
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.job import app
 from rtdlm_experiments.job.prompt_sets import Prompt, build_task, bundled_sets, load_prompts
 from rtdlm_experiments.results import record as results
@@ -22,11 +24,6 @@ from sampling import PRESETS
 from sampling.decoding import AutoregressiveDecoder, GenerationOutput, merge_outputs
 
 CONF = config_dir()
-
-
-def compose_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra_node)
 
 
 def group_options() -> list[tuple[str, str]]:
@@ -66,7 +63,7 @@ def test_every_config_option_composes_and_validates(group: str, option: str, pro
         overrides.append(f"prompts.path={prompt_file}")
     if group == "prompts":  # code tasks' opt-in, tested in tests/test_quality_app.py
         overrides.append("eval.allow_code_execution=true")
-    assert app.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
+    assert validation.prepare_job(compose_config("model=tiny-random", *overrides)).prompts
 
 
 @pytest.mark.parametrize(
@@ -86,9 +83,9 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
         if build_task(cfg.prompts).needs_code_execution:  # a preset never opts in to running code
             assert not cfg.eval.allow_code_execution
             with pytest.raises(ConfigError, match=r"eval\.allow_code_execution"):
-                app.prepare_job(cfg)
+                validation.prepare_job(cfg)
             cfg = compose_config(f"sweep={sweep}", *ordered, "eval.allow_code_execution=true")
-        spec = app.prepare_job(cfg)
+        spec = validation.prepare_job(cfg)
         for key, value in job.items():
             if key.startswith("sampling."):
                 assert getattr(spec.sampling, key.removeprefix("sampling.")) == pytest.approx(float(value))
@@ -98,7 +95,7 @@ def test_every_job_of_every_sweep_preset_validates(sweep: str):
 def test_sampling_yaml_is_exactly_the_preset(preset: str):
     """The yaml names the preset and copies no number, so it cannot drift from sampling.PRESETS."""
     cfg = compose_config(f"sampling={preset}", "seed=7")
-    assert app.sampling_config(cfg.sampling, seed=7) == PRESETS[preset].replace(seed=7)
+    assert validation.sampling_config(cfg.sampling, seed=7) == PRESETS[preset].replace(seed=7)
     assert OmegaConf.to_container(OmegaConf.load(CONF / "sampling" / f"{preset}.yaml")) == {"preset": preset}
 
 
@@ -107,7 +104,7 @@ def test_sampling_fields_override_the_preset_from_the_command_line():
         "sampling=creative", "sampling.min_p=0.1", "sampling.order=vllm", "sampling.temperature=0.9"
     )
     expected = PRESETS["creative"].replace(min_p=0.1, order="vllm", temperature=0.9, seed=0)
-    assert app.sampling_config(cfg.sampling, seed=0) == expected
+    assert validation.sampling_config(cfg.sampling, seed=0) == expected
 
 
 @pytest.mark.parametrize(
@@ -140,7 +137,7 @@ def test_schema_rejects_wrong_types_and_unknown_keys_at_compose_time(override: s
 )
 def test_prepare_job_names_the_bad_field(override: str, message: str):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        app.prepare_job(compose_config("model=tiny-random", override))
+        validation.prepare_job(compose_config("model=tiny-random", override))
 
 
 # --- bad input on the command line --------------------------------------------------------------------
@@ -212,12 +209,12 @@ def test_prompt_files_txt_and_jsonl(tmp_path: Path):
 # --- running ------------------------------------------------------------------------------------------
 
 
-def tiny_spec(**overrides: Any) -> app.JobSpec:
+def tiny_spec(**overrides: Any) -> validation.JobSpec:
     cfg = compose_config(
         "model=tiny-random", "max_new_tokens=6", "prompts.limit=3", "prompts.chat_template=false"
     )
-    spec = app.prepare_job(cfg)
-    return app.JobSpec(**{**spec.__dict__, **overrides})
+    spec = validation.prepare_job(cfg)
+    return validation.JobSpec(**{**spec.__dict__, **overrides})
 
 
 def test_row_seeds_make_samples_independent_of_batching():
@@ -229,10 +226,10 @@ def test_row_seeds_make_samples_independent_of_batching():
     rows = app.plan_rows(len(spec.prompts), spec.num_samples, spec.seed)
     decoder = AutoregressiveDecoder()
     one_by_one = app.generate_rows(
-        decoder, model, prompt_ids, rows, app.JobSpec(**{**spec.__dict__, "batch_size": 1})
+        decoder, model, prompt_ids, rows, validation.JobSpec(**{**spec.__dict__, "batch_size": 1})
     )
     batched = app.generate_rows(
-        decoder, model, prompt_ids, rows, app.JobSpec(**{**spec.__dict__, "batch_size": 4})
+        decoder, model, prompt_ids, rows, validation.JobSpec(**{**spec.__dict__, "batch_size": 4})
     )
     assert one_by_one.token_ids == batched.token_ids
     # Row order is prompt-major; the two samples of a prompt have different seeds and differ.
@@ -362,8 +359,10 @@ def test_build_decoder_rejects_what_cannot_work():
         app.build_decoder(speculative, target, lambda name, **_: FakeModel([1, 2, 4]))
     with pytest.raises(ConfigError, match="exit_layer=4 is invalid: must be < the model's 4 layers"):
         app.build_decoder(decoder_config("decoder=self_speculative", "decoder.exit_layer=4"), target)
+    # a decoder's counts are checked once, by validation (prepare_job), not again when it is built
+    zero_drafts = decoder_config("decoder=prompt_lookup", "decoder.num_draft_tokens=0")
     with pytest.raises(ConfigError, match="num_draft_tokens=0 is invalid: must be >= 1"):
-        app.build_decoder(decoder_config("decoder=prompt_lookup", "decoder.num_draft_tokens=0"), target)
+        validation.validate_decoder_config(zero_drafts)
 
 
 @pytest.mark.parametrize(
@@ -391,7 +390,7 @@ def test_build_decoder_rejects_what_cannot_work():
 )
 def test_prepare_job_rejects_a_bad_decoder_config_before_loading_a_model(overrides, message: str):
     with pytest.raises(ConfigError, match=re.escape(message)) as caught:
-        app.prepare_job(compose_config("model=tiny-random", *overrides))
+        validation.prepare_job(compose_config("model=tiny-random", *overrides))
     assert "\n" not in str(caught.value)
 
 
@@ -409,3 +408,13 @@ def test_speculative_job_is_timed_against_the_autoregressive_baseline():
     assert {"load_seconds", "warmup_seconds", "baseline_wall_seconds", "decoder_wall_seconds"} <= set(
         result.timings
     )
+
+
+def test_a_job_records_the_registry_hash_of_its_weights():
+    """Tracking tags runs with it from ``results.json``, without asking the model registry itself."""
+    from rtdlm_experiments.job import app as job_app
+    from rtdlm_experiments.models.registry import MODELS
+
+    assert job_app._weights_sha256({"name": "qwen2.5-coder-0.5b"}) == MODELS["qwen2.5-coder-0.5b"].sha256
+    assert len(MODELS["qwen2.5-coder-0.5b"].sha256 or "") == 64
+    assert job_app._weights_sha256({"name": "tiny-random"}) is None

@@ -118,7 +118,8 @@ def saved_job(job_dir: Path, **extra) -> dict:
         "metrics": {"distinct_2": 0.5, "acceptance_rate": 0.0, "perplexity": math.nan},
         "job": job.__dict__,
         "environment": {"versions": {"torch": "2.x"}, "hostname": "box", "git_sha": "a" * 40,
-                        "git_dirty": True, "device": "cpu", "dtype": "float32"},
+                        "git_dirty": True, "device": "cpu", "dtype": "float32",
+                        "weights_sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"},
         **extra,
     }  # fmt: skip
     generations = [

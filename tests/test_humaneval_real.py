@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from rtdlm_experiments.config.schema import config_dir
+from rtdlm_experiments.config import validation
+from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.job import app
 from rtdlm_experiments.job.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.tasks.execution import STATUSES
@@ -21,7 +22,7 @@ def test_greedy_humaneval_on_three_problems_with_qwen_coder():
                        "prompts.limit=3", "prompts.shuffle=false", "max_new_tokens=128",
                        "eval.allow_code_execution=true"],
         )  # fmt: skip
-    result = app.run_job(app.prepare_job(cfg))
+    result = app.run_job(validation.prepare_job(cfg))
     rows = result.artifacts[HUMANEVAL_SAMPLES_FILE]
     assert [row["task_id"] for row in rows] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
     assert {row["status"] for row in rows} <= set(STATUSES)

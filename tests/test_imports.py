@@ -139,3 +139,62 @@ def test_sampling_imports_nothing_above_it(module: str):
         if name.split(".")[0] in SAMPLING_MUST_NOT_IMPORT
     )
     assert not bad, f"{module} imports {', '.join(bad)}"
+
+
+def _is_in(module: str, package: str) -> bool:
+    return module == package or module.startswith(f"{package}.")
+
+
+@pytest.mark.parametrize(
+    "module", sorted(name for name in module_files() if name.startswith("rtdlm_experiments"))
+)
+def test_mlflow_is_imported_only_inside_tracking(module: str):
+    if _is_in(module, "rtdlm_experiments.tracking"):
+        return
+    path = module_files()[module]
+    bad = [
+        f"{name} (line {line})"
+        for name, line in imported_names(module, path)
+        if name.split(".")[0] == "mlflow"
+    ]
+    assert not bad, f"{module} imports {', '.join(bad)}: MLflow belongs in rtdlm_experiments.tracking"
+
+
+def test_tracking_never_imports_models():
+    """What a run records of its model comes from the job's record (``environment.weights_sha256``)."""
+    graph = import_graph()
+    bad = {
+        f"{module} (line {line})": target
+        for module, targets in graph.items()
+        if _is_in(module, "rtdlm_experiments.tracking")
+        for target, line in targets.items()
+        if _is_in(target, "rtdlm_experiments.models")
+    }
+    assert not bad, f"tracking imports models: {bad}"
+
+
+_NOT_TAG_NAMES = {"rtdlm.output_root", "rtdlm.config_groups"}
+"""OmegaConf resolvers (``${rtdlm.output_root:}``), not MLflow tags."""
+
+
+def test_tag_names_are_spelled_only_in_tracking_names():
+    spelled = []
+    for module, path in module_files().items():
+        if module == "rtdlm_experiments.tracking.names":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            value = node.value if isinstance(node, ast.Constant) else None
+            if isinstance(value, str) and value.startswith("rtdlm.") and value not in _NOT_TAG_NAMES:
+                spelled.append(f"{module} line {node.lineno}: {value!r}")
+    assert not spelled, "tag names belong in rtdlm_experiments.tracking.names: " + "; ".join(spelled)
+
+
+@pytest.mark.parametrize("module", ["rtdlm_experiments.tracking", "rtdlm_experiments.config.paths"])
+def test_tracking_and_paths_load_without_torch(module: str):
+    """They need output paths, not the config schema (which imports `sampling`, so torch)."""
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; assert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]

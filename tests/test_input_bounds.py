@@ -8,17 +8,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from composed import prepare_tiny as prepare
 
-from rtdlm_experiments.config.schema import ConfigError, config_dir
-from rtdlm_experiments.job import app
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.job.prompt_sets import load_prompts
-
-
-def prepare(*overrides: str) -> app.JobSpec:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny-random", *overrides])
-    return app.prepare_job(cfg)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_the_documented_slurm_command_composes():
     MLflow server all land where the jobs will read them."""
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments.config.schema import config_dir
+    from rtdlm_experiments.config.paths import config_dir
 
     overrides = [
         "sweep=nightly", "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",

@@ -114,8 +114,15 @@ def test_prefill_equals_incremental_decode(tiny):
 
 
 def test_logits_are_ordinary_tensors(tiny):
-    logits = tiny.forward(ids_of(tiny), tiny.new_cache())
-    logits[0, 0, 0] += 1.0  # a sampler may penalize in place: no inference-tensor error
+    """Not inference-mode tensors (which refuse in-place edits outside inference mode) and not part of an
+    autograd graph: a sampler may penalize them in place."""
+    ids = ids_of(tiny)
+    logits = tiny.forward(ids, tiny.new_cache())
+    assert not logits.is_inference() and not logits.requires_grad
+    assert logits.shape == (*ids.shape, tiny.vocab_size) and logits.dtype == torch.float32
+    before = logits[0, 0, 0].item()
+    logits[0, 0, 0] += 1.0
+    assert logits[0, 0, 0].item() == pytest.approx(before + 1.0)
 
 
 def test_left_padded_batch_matches_each_row_alone(tiny):

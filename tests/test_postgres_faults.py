@@ -20,6 +20,7 @@ from postgres_mlflow import PostgresMlflow, assert_each_job_finished_once, postg
 
 from rtdlm_experiments import schedule
 from rtdlm_experiments.results.record import LOGGED_FILE, RESULTS_FILE
+from rtdlm_experiments.tracking import names
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -142,11 +143,11 @@ def test_a_worker_killed_mid_job_fails_one_job_and_the_same_schedule_command_fin
     parent, _ = assert_each_job_finished_once(store, experiment, rerun_dir, jobs=4, parents=2)
     first_parent = json.loads((sweep_dir / "sweep.json").read_text())["mlflow"]["parent_run_id"]
     assert parent.info.run_id == first_parent  # resumed, not a second parent for the key
-    assert parent.data.tags[schedule.DRIFT_TAG] == "ok"
+    assert parent.data.tags[names.DRIFT_TAG] == "ok"
     baseline_parent = store.client.search_runs(
-        [parent.info.experiment_id], f"tags.`{schedule.KEY_TAG}` = 'day1'", run_view_type=ViewType.ALL
+        [parent.info.experiment_id], f"tags.`{names.SCHEDULE_KEY_TAG}` = 'day1'", run_view_type=ViewType.ALL
     )
-    assert parent.data.tags[schedule.DRIFT_BASELINE_TAG] == baseline_parent[0].info.run_id
+    assert parent.data.tags[names.DRIFT_BASELINE_TAG] == baseline_parent[0].info.run_id
 
     again = finish(start("day2"))
     assert again.returncode == 0 and "already FINISHED" in again.stdout + again.stderr

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.job.prompt_sets import Prompt, load_prompts
 from rtdlm_experiments.tasks.answers import contains_answer
 

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
+from composed import compose_tiny as compose_config
 
 from rtdlm_experiments.analysis import compare, report
 from rtdlm_experiments.analysis.stats import bootstrap_statistic_ci
-from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.config import validation
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.job import app
 from rtdlm_experiments.job.evaluation import HUMANEVAL_SAMPLES_FILE, ISOLATION_TAG
 from rtdlm_experiments.metrics import distinct_n
@@ -24,12 +25,7 @@ from rtdlm_experiments.results import record as results
 from rtdlm_experiments.tasks.execution import STATUSES
 
 
-def compose_config(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=["model=tiny-random", *overrides])
-
-
-def save(tmp_path: Path, name: str, spec: app.JobSpec, result: app.JobResult) -> Path:
+def save(tmp_path: Path, name: str, spec: validation.JobSpec, result: app.JobResult) -> Path:
     job = results.JobMeta(name, [], 0, str(tmp_path / name), None, 0)
     record = results.job_record({"seed": spec.seed}, result, job, None)
     results.save_job(tmp_path / name, record, results.generation_records(spec, result), result.artifacts)
@@ -42,9 +38,9 @@ def intervals_of(metrics: dict[str, float]) -> dict[str, tuple[float, float, flo
 
 
 @pytest.fixture(scope="module")
-def default_job() -> tuple[app.JobSpec, app.JobResult]:
+def default_job() -> tuple[validation.JobSpec, app.JobResult]:
     """Tiny-random on the first 6 default prompts (two of them factual, with answers), 3 samples each."""
-    spec = app.prepare_job(compose_config("prompts.limit=6", "num_samples=3", "max_new_tokens=12"))
+    spec = validation.prepare_job(compose_config("prompts.limit=6", "num_samples=3", "max_new_tokens=12"))
     return spec, app.run_job(spec)
 
 
@@ -54,12 +50,12 @@ def test_humaneval_job_needs_the_opt_in_before_any_model_loads(monkeypatch: pyte
 
     monkeypatch.setattr(app, "load_model", no_loading)
     with pytest.raises(ConfigError, match=re.escape("eval.allow_code_execution=false is invalid")) as caught:
-        app.prepare_job(compose_config("prompts=humaneval", "prompts.limit=2"))
+        validation.prepare_job(compose_config("prompts=humaneval", "prompts.limit=2"))
     assert "\n" not in str(caught.value) and "eval.allow_code_execution=true" in str(caught.value)
 
 
 def test_humaneval_job_scores_pass_at_k_with_per_problem_rows(tmp_path: Path):
-    spec = app.prepare_job(
+    spec = validation.prepare_job(
         compose_config("prompts=humaneval", "prompts.limit=2", "prompts.shuffle=false", "num_samples=2",
                        "max_new_tokens=6",
                        "eval.allow_code_execution=true", "eval.timeout_s=10")
@@ -104,13 +100,15 @@ def test_answers_give_exact_match_and_contains_answer(default_job):
 
 
 def test_judge_of_the_same_model_agrees_with_the_sampler_and_another_tokenizer_fails():
-    spec = app.prepare_job(compose_config("prompts.limit=3", "max_new_tokens=8", "judge.model=tiny-random"))
+    spec = validation.prepare_job(
+        compose_config("prompts.limit=3", "max_new_tokens=8", "judge.model=tiny-random")
+    )
     result = app.run_job(spec)
     assert result.metrics["judge_nll_per_token"] == pytest.approx(result.metrics["nll_per_token"], rel=1e-4)
     assert result.metrics["judge_perplexity"] == pytest.approx(
         math.exp(result.metrics["judge_nll_per_token"])
     )
-    other = app.JobSpec(**{**spec.__dict__, "judge_model": {"name": "tiny-random", "vocab_size": 300}})
+    other = validation.JobSpec(**{**spec.__dict__, "judge_model": {"name": "tiny-random", "vocab_size": 300}})
     with pytest.raises(ConfigError, match=r"judge\.model='tiny-random' is invalid: its tokenizer differs"):
         app.run_job(other)
 
@@ -139,19 +137,19 @@ def test_stop_strings_cut_the_texts_and_reach_the_decoder(default_job):
     assert (
         plain.stop_strings is None and plain.ignore_eos is False and plain.max_batch_size == spec.batch_size
     )
-    stopping = app.JobSpec(**{**spec.__dict__, "stop_strings": ("b",), "ignore_eos": True})
+    stopping = validation.JobSpec(**{**spec.__dict__, "stop_strings": ("b",), "ignore_eos": True})
     options = app.generation_options(stopping, ByteTokenizer(), [])
     assert options.ignore_eos is True and options.stop_strings.strings == ("b",)
     assert options.stop_strings.detokenize([97, 98]) == "ab"
     assert app.decode_texts(ByteTokenizer(), [[97, 98, 99], [99]], ("b",)) == ["a", "c"]
     cfg = compose_config("prompts=humaneval", "prompts.chat_template=false", "eval.allow_code_execution=true")
-    assert "\ndef " in app.prepare_job(cfg).stop_strings
-    assert app.prepare_job(compose_config("prompts.stop_strings=[END]")).stop_strings == ("END",)
+    assert "\ndef " in validation.prepare_job(cfg).stop_strings
+    assert validation.prepare_job(compose_config("prompts.stop_strings=[END]")).stop_strings == ("END",)
 
 
 def test_compare_two_job_folders_prints_a_verdict_per_metric(default_job, tmp_path: Path, capsys):
     spec, result = default_job
-    other_spec = app.JobSpec(**{**spec.__dict__, "seed": 1, "sampling": spec.sampling.replace(seed=1)})
+    other_spec = validation.JobSpec(**{**spec.__dict__, "seed": 1, "sampling": spec.sampling.replace(seed=1)})
     folder_a = save(tmp_path, "a", spec, result)
     folder_b = save(tmp_path, "b", other_spec, app.run_job(other_spec))
     assert compare.main([str(folder_a), str(folder_b), "--resamples", "500"]) == 0

@@ -11,10 +11,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from composed import compose_tiny as compose_config
 
-from rtdlm_experiments.config.schema import ConfigError, SamplingSchema, config_dir
+from rtdlm_experiments.config import validation
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.schema import SamplingSchema
 from rtdlm_experiments.job import app
 from rtdlm_experiments.results import record as results
 from sampling import PRESETS, SamplingConfig
@@ -66,11 +67,6 @@ BAD = {
 """Each new field: a value of the right type but out of range, and what the one-line error says."""
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=["model=tiny-random", *overrides])
-
-
 def test_the_schema_and_the_tables_cover_every_sampling_field():
     sampler_fields = {f.name for f in fields(SamplingConfig)} - {"seed"}
     assert {f.name for f in fields(SamplingSchema)} - {"preset"} == sampler_fields
@@ -82,7 +78,7 @@ def test_the_schema_and_the_tables_cover_every_sampling_field():
 @pytest.mark.parametrize("name", sorted(OVERRIDES))
 def test_every_field_overrides_the_preset_from_hydra(name: str):
     text, expected = OVERRIDES[name]
-    spec = app.prepare_job(compose_config("sampling=precise", f"sampling.{name}={text}"))
+    spec = validation.prepare_job(compose_config("sampling=precise", f"sampling.{name}={text}"))
     assert spec.sampling == PRESETS["precise"].replace(**{name: expected}, seed=0)
     value = getattr(spec.sampling, name)
     assert not isinstance(value, list | dict) and "omegaconf" not in type(value).__module__
@@ -90,7 +86,7 @@ def test_every_field_overrides_the_preset_from_hydra(name: str):
 
 def test_null_keeps_the_preset_value_for_every_field():
     nulls = [f"sampling.{name}=null" for name in OVERRIDES]
-    assert app.prepare_job(compose_config("sampling=creative", *nulls)).sampling == PRESETS[
+    assert validation.prepare_job(compose_config("sampling=creative", *nulls)).sampling == PRESETS[
         "creative"
     ].replace(seed=0)
 
@@ -105,7 +101,7 @@ def test_null_keeps_the_preset_value_for_every_field():
     ],
 )
 def test_order_and_logit_bias_accept_each_form(override: str, expected):
-    sampling = app.prepare_job(compose_config(override)).sampling
+    sampling = validation.prepare_job(compose_config(override)).sampling
     assert (sampling.order if "order" in override else sampling.logit_bias) == expected
 
 
@@ -113,7 +109,7 @@ def test_order_and_logit_bias_accept_each_form(override: str, expected):
 def test_every_field_is_validated_in_one_line_naming_it(name: str):
     text, allowed = BAD[name]
     with pytest.raises(ConfigError) as caught:
-        app.prepare_job(compose_config(f"sampling.{name}={text}"))
+        validation.prepare_job(compose_config(f"sampling.{name}={text}"))
     message = str(caught.value)
     assert message.startswith(f"sampling.{name}=") and "is invalid" in message and allowed in message
     assert "\n" not in message
@@ -131,7 +127,7 @@ def test_every_field_is_validated_in_one_line_naming_it(name: str):
 )
 def test_malformed_orders_and_biases_name_the_field(overrides: list[str], message: str):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        app.prepare_job(compose_config(*overrides))
+        validation.prepare_job(compose_config(*overrides))
 
 
 def test_schema_types_the_lists_at_compose_time():
@@ -198,14 +194,14 @@ def test_mirostat_dry_xtc_typical_job_runs_in_process(prompt_file: Path):
         "prompts.chat_template=false",
         "max_new_tokens=6",
     )
-    spec = app.prepare_job(cfg)
+    spec = validation.prepare_job(cfg)
     assert spec.sampling.stages == (
         *("penalties", "dry", "logit_bias", "temperature", "top_k", "top_p", "typical_p", "xtc", "mirostat"),
     )
     result = app.run_job(spec)
     assert len(result.output.token_ids) == 2 and all(1 <= len(ids) <= 6 for ids in result.output.token_ids)
     assert all(7 not in ids for ids in result.output.token_ids)  # banned by logit_bias
-    params = results.flatten_config(app.resolved_config(cfg, spec))
+    params = results.flatten_config(validation.resolved_config(cfg, spec))
     assert {key: params[key] for key in EXPECTED_PARAMS} == EXPECTED_PARAMS
 
 
@@ -220,7 +216,7 @@ def test_mirostat_dry_xtc_typical_job_runs_end_to_end(
     assert record["status"] == "COMPLETED" and record["num_prompts"] == 2
     params = results.flatten_config(record["config"])
     assert {key: params[key] for key in EXPECTED_PARAMS} == EXPECTED_PARAMS
-    in_memory = app.prepare_job(compose_config(*STATEFUL_JOB)).sampling
+    in_memory = validation.prepare_job(compose_config(*STATEFUL_JOB)).sampling
     assert record["config"]["sampling"] == {"preset": "creative", **_plain(in_memory)}
     generations = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2

@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, ViewType
 
 from rtdlm_experiments import schedule, tracking
-from rtdlm_experiments.analysis import drift, report
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.analysis import drift
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.tracking import names
 
 # --- one history of scheduled sweeps, run once for the module -----------------------------------------
 
@@ -38,7 +39,7 @@ class History:
 
     def parent(self, key: str) -> Run:
         (run,) = self.client.search_runs(
-            [self.experiment_id], f"tags.`{schedule.KEY_TAG}` = '{key}'", run_view_type=ViewType.ALL
+            [self.experiment_id], f"tags.`{names.SCHEDULE_KEY_TAG}` = '{key}'", run_view_type=ViewType.ALL
         )
         return run
 
@@ -159,7 +160,11 @@ def test_a_failed_sweep_fails_its_parent_and_exits_1(history: History):
     assert result.returncode == schedule.EXIT_FAILED, outcome(result)
     assert "prompts.path=" in result.stderr and "no such file" in result.stderr
     assert "the same command resumes it" in result.stdout
-    day2 = [run for run in history.runs_after["day2-failed"] if run.data.tags.get(schedule.KEY_TAG) == "day2"]
+    day2 = [
+        run
+        for run in history.runs_after["day2-failed"]
+        if run.data.tags.get(names.SCHEDULE_KEY_TAG) == "day2"
+    ]
     assert [run.info.status for run in day2] == ["FAILED"]
 
 
@@ -194,15 +199,15 @@ def test_rerunning_a_failed_key_reruns_only_the_failed_job_under_the_same_parent
 def test_drift_check_passes_an_unchanged_rerun(history: History, tmp_path: Path):
     assert "drift: none, 2 jobs compared with day1" in history.results["day2-resumed"].stdout
     parent = history.parent("day2")
-    assert parent.data.tags[schedule.DRIFT_TAG] == "ok"
-    assert parent.data.tags[schedule.DRIFT_BASELINE_TAG] == history.parent("day1").info.run_id
+    assert parent.data.tags[names.DRIFT_TAG] == "ok"
+    assert parent.data.tags[names.DRIFT_BASELINE_TAG] == history.parent("day1").info.run_id
     table = pd.read_csv(
         history.client.download_artifacts(parent.info.run_id, "drift/drift.csv", str(tmp_path))
     )
     assert set(table["metric"]) == {"distinct_2", "perplexity"}  # tokens_per_second=off; AR has no α
     assert len(table) == 4 and not table["drifted"].any()
     assert (table["previous"] == table["current"]).all()  # same config, same seed: same generations
-    assert history.parent("day1").data.tags[schedule.DRIFT_TAG] == "no_baseline"
+    assert history.parent("day1").data.tags[names.DRIFT_TAG] == "no_baseline"
 
 
 def test_drift_check_flags_a_planted_change_and_exits_3(history: History, tmp_path: Path):
@@ -211,9 +216,9 @@ def test_drift_check_flags_a_planted_change_and_exits_3(history: History, tmp_pa
     assert "drift: DRIFT in 1 metrics, 1 jobs compared with day2" in result.stdout
     parent = history.parent("day3")
     assert parent.info.status == "FINISHED"  # the sweep itself succeeded
-    assert parent.data.tags[schedule.DRIFT_TAG] == "drift"
-    assert parent.data.tags[schedule.DRIFT_BASELINE_TAG] == history.parent("day2").info.run_id
-    assert "distinct_2" in parent.data.tags[schedule.DRIFT_DETAILS_TAG]
+    assert parent.data.tags[names.DRIFT_TAG] == "drift"
+    assert parent.data.tags[names.DRIFT_BASELINE_TAG] == history.parent("day2").info.run_id
+    assert "distinct_2" in parent.data.tags[names.DRIFT_DETAILS_TAG]
     table = pd.read_csv(
         history.client.download_artifacts(parent.info.run_id, "drift/drift.csv", str(tmp_path))
     )
@@ -320,7 +325,7 @@ def test_resuming_needs_an_existing_sweep_parent(empty_mlflow_store: Path, tmp_p
     with pytest.raises(ConfigError, match=r"parent_run_id='0+' is invalid: no such run"):
         tracking.resume_sweep(client, "0" * 32, {})
     parent_id = tracking.start_sweep(client, experiment_id, "sweep", {})
-    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, report.JOB_TAG: "true"})
+    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent_id, names.JOB_TAG: "true"})
     with pytest.raises(ConfigError, match="a job's run, not a sweep's parent"):
         tracking.resume_sweep(client, job.info.run_id, {})
 
@@ -337,3 +342,33 @@ def test_default_key_is_the_sweep_and_the_date():
     import datetime
 
     assert schedule.default_key("nightly", datetime.date(2025, 3, 9)) == "nightly-2025-03-09"
+
+
+def test_runs_with_the_old_tag_spellings_are_still_resumed_and_compared(
+    empty_mlflow_store: Path, tmp_path: Path
+):
+    """Parents written before ``rtdlm.schedule.sweep``/``rtdlm.schedule.host`` became ``rtdlm.sweep``/
+    ``rtdlm.host``: their host still guards a RUNNING key, a resume moves it to the new tag, and they are
+    still found as a drift baseline."""
+    from rtdlm_experiments.tracking import scheduled
+
+    shutil.copy(empty_mlflow_store, tmp_path / "mlflow.db")
+    client = tracking.mlflow_client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = tracking.ensure_experiment(client, "old-tags")
+    old = {names.SCHEDULE_KEY_TAG: "day1", names.LEGACY_SCHEDULE_SWEEP_TAG: "nightly"}
+    old_id = tracking.start_sweep(client, experiment_id, "day1", {**old, names.LEGACY_SCHEDULE_HOST_TAG: "b"})
+    client.set_tag(old_id, names.HOST_TAG, "a")  # the host that created it; "b" resumed it last
+    assert scheduled.find_key_run(client, experiment_id, "day1").host == "b"
+    scheduled.claim_scheduled_run(client, old_id, "c")
+    tags = client.get_run(old_id).data.tags
+    assert tags[names.HOST_TAG] == "c" and names.LEGACY_SCHEDULE_HOST_TAG not in tags
+    assert scheduled.find_key_run(client, experiment_id, "day1").host == "c"
+
+    job = client.create_run(experiment_id, tags={"mlflow.parentRunId": old_id, names.CONFIG_HASH_TAG: "h1"})
+    client.set_terminated(job.info.run_id)
+    time.sleep(0.01)  # the new parent starts later
+    new_id = scheduled.start_scheduled_sweep(client, experiment_id, "day2", "nightly", "c", [])
+    assert client.get_run(new_id).data.tags[names.SWEEP_TAG] == "nightly"
+    baseline, jobs = scheduled.find_baseline(client, new_id, "nightly", {"h1"})
+    assert baseline.run_id == old_id and set(jobs) == {"h1"}
+    assert scheduled.find_baseline(client, new_id, "other-sweep", {"h1"}) is None

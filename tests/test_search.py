@@ -17,7 +17,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from rtdlm_experiments.config import preset_files, presets
-from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.search.driver import JobOutcome, SearchSettings, run_search
 from rtdlm_experiments.search.objectives import parse_constraints, parse_objectives
 from rtdlm_experiments.search.space import distribution, search_space, trial_overrides
@@ -197,7 +198,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
 def test_a_saved_preset_loads_back_with_sampling_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments.config.schema import config_dir
+    from rtdlm_experiments.config.paths import config_dir
     from rtdlm_experiments.config.validation import sampling_config
 
     monkeypatch.setenv("RTDLM_OUTPUT_DIR", str(tmp_path / "outputs"))
@@ -318,7 +319,7 @@ def test_bad_search_settings_exit_2_with_one_line_before_any_trial(run_cli):
 def test_every_search_preset_validates_at_the_corners_of_its_space(sweep: str):
     from hydra import compose, initialize_config_dir
 
-    from rtdlm_experiments.job import app
+    from rtdlm_experiments.config import validation
 
     prompts = yaml.safe_load((CONF / "sweep" / f"{sweep}.yaml").read_text())["defaults"][0][
         "override /prompts"
@@ -339,7 +340,7 @@ def test_every_search_preset_validates_at_the_corners_of_its_space(sweep: str):
         for index in range(max(map(len, corners.values()))):
             point = {key: values[index % len(values)] for key, values in corners.items()}
             overrides = trial_overrides(point)
-            spec = app.prepare_job(compose("config", overrides=[*base, *overrides]))
+            spec = validation.prepare_job(compose("config", overrides=[*base, *overrides]))
             assert spec.sampling.temperature == pytest.approx(point["sampling.temperature"])
             assert spec.sampling.order == point["sampling.order"]
 
@@ -349,12 +350,15 @@ def test_a_raced_job_generates_what_an_unraced_one_does_and_stops_when_it_loses(
     below the incumbent stops after its first look, its metrics over the rows it generated."""
     from hydra import compose, initialize_config_dir
 
+    from rtdlm_experiments.config import validation
     from rtdlm_experiments.job import app
     from rtdlm_experiments.search.racing import Race
 
     overrides = ["model=tiny-random", "max_new_tokens=6", "prompts.limit=6", "num_samples=2"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        spec = app.prepare_job(compose("config", overrides=[*overrides, "prompts.chat_template=false"]))
+        spec = validation.prepare_job(
+            compose("config", overrides=[*overrides, "prompts.chat_template=false"])
+        )
     plain = app.run_job(spec)
     race = Race("diversity/distinct_2", 1.0, {}, chunk_prompts=2)
     raced = app.run_job(spec, race=race)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from rtdlm_experiments.config.schema import ConfigError
-from rtdlm_experiments.job.evaluation import ExecutionSettings, JobGenerations, task_scores
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.validation import ExecutionSettings
+from rtdlm_experiments.job.evaluation import JobGenerations, task_scores
 from rtdlm_experiments.job.prompt_sets import build_task, load_prompts, stop_strings
 from rtdlm_experiments.tasks import short_answers
 from rtdlm_experiments.tasks.answer_tasks import GSM8KTask, QATask

@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from rtdlm_experiments.analysis import report
 from rtdlm_experiments.results import metric_names
 from rtdlm_experiments.tracking import sync
+from rtdlm_experiments.tracking.names import JOB_TAG
 from rtdlm_experiments.tracking.server import free_port, serve_mlflow, server_args
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -103,10 +104,11 @@ def test_child_runs_hold_the_resolved_config_metrics_and_provenance(sweep: Sweep
     } <= set(creative.data.metrics)  # fmt: skip
     record = json.loads((sweep.sweep_dir / creative.data.tags["hydra.job_num"] / "results.json").read_text())
     assert creative.data.metrics["diversity/distinct_2"] == pytest.approx(record["metrics"]["distinct_2"])
+    assert record["environment"]["weights_sha256"] is None  # the job records it; tiny-random has no weights
     tags = creative.data.tags
     assert tags["config_hash"] == record["config_hash"] != balanced.data.tags["config_hash"]
     assert "sampling=creative" in tags["hydra.overrides"].split()
-    assert (tags["device"], tags["dtype"], tags[report.JOB_TAG]) == ("cpu", "float32", "true")
+    assert (tags["device"], tags["dtype"], tags[JOB_TAG]) == ("cpu", "float32", "true")
     assert len(tags["git_sha"]) == 40
 
 

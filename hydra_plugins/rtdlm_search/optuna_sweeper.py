@@ -63,7 +63,8 @@ class OptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from rtdlm_experiments import tracking
-        from rtdlm_experiments.config.schema import ConfigError, output_root
+        from rtdlm_experiments.config.errors import ConfigError
+        from rtdlm_experiments.config.paths import output_root
         from rtdlm_experiments.results.record import read_sweep_info
         from rtdlm_experiments.search.driver import run_search
         from rtdlm_experiments.search.outcome import parent_summary

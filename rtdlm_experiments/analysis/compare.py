@@ -127,31 +127,14 @@ def sample_values(path: Path) -> dict[RowKey, dict[str, float]]:
 
 def load_run(run_id: str, tracking_uri: str | None) -> LoadedJob:
     """An MLflow run's generations (and HumanEval results), downloaded to a temporary folder."""
-    import mlflow.artifacts
+    from rtdlm_experiments.tracking.downloads import download_job_files
 
-    from rtdlm_experiments.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as folder:
-        names = [RESULTS_FILE, GENERATIONS_FILE, *_samples_files(run_id, uri)]
-        for name in names:
-            try:
-                mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path=name, dst_path=folder, tracking_uri=uri
-                )
-            except Exception as err:  # a missing optional file; a missing generations file fails below
-                if name == GENERATIONS_FILE:
-                    raise SystemExit(f"error: run {run_id} at {uri} has no {name}: {err}") from None
+        download_job_files(
+            run_id, tracking_uri, Path(folder), GENERATIONS_FILE, [RESULTS_FILE], SAMPLES_SUFFIX
+        )
         job = load_job_folder(Path(folder))
     return LoadedJob(f"run {run_id}", job.generations, job.scored)
-
-
-def _samples_files(run_id: str, uri: str) -> list[str]:
-    """The run's top-level ``<task>_samples.jsonl`` artifacts."""
-    from mlflow.tracking import MlflowClient
-
-    artifacts = MlflowClient(tracking_uri=uri).list_artifacts(run_id)
-    return [item.path for item in artifacts if item.path.endswith(SAMPLES_SUFFIX)]
 
 
 def folder_problem(reference: str) -> str | None:

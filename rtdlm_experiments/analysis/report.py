@@ -23,10 +23,9 @@ from rtdlm_experiments import tracking
 from rtdlm_experiments.analysis import compare
 from rtdlm_experiments.analysis.markdown import markdown_table
 from rtdlm_experiments.analysis.task_summary import task_verdicts, verdicts_markdown
-from rtdlm_experiments.config.schema import output_root
-from rtdlm_experiments.results.metric_names import plain_metrics, resolve_metric, value_range
+from rtdlm_experiments.config.paths import output_root
+from rtdlm_experiments.results.metric_names import resolve_metric, value_range
 from rtdlm_experiments.results.record import (
-    JOB_TAG,
     KEY_METRICS,
     SUMMARY_STEM,
     flatten_config,
@@ -36,8 +35,6 @@ from rtdlm_experiments.results.record import (
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from mlflow import MlflowClient
-    from mlflow.entities import Run
 
 CONFIG_COLUMNS = {
     "model": "params.model.name",
@@ -48,27 +45,9 @@ CONFIG_COLUMNS = {
 """Report column → run column describing the job."""
 
 
-def runs_frame(runs: Iterable[Run]) -> pd.DataFrame:
-    """Runs as one row each, with ``metrics.*``, ``params.*`` and ``tags.*`` columns like
-    `mlflow.search_runs` (built from a client's runs, so no global tracking URI is involved); metrics by
-    plain name whether they were logged namespaced or not."""
-    records = []
-    for run in runs:
-        record: dict[str, Any] = {
-            "run_id": run.info.run_id,
-            "status": run.info.status,
-            "start_time": pd.to_datetime(run.info.start_time, unit="ms"),
-        }
-        record.update({f"metrics.{key}": value for key, value in plain_metrics(run.data.metrics).items()})
-        record.update({f"params.{key}": value for key, value in run.data.params.items()})
-        record.update({f"tags.{key}": value for key, value in run.data.tags.items()})
-        records.append(record)
-    return pd.DataFrame.from_records(records)
-
-
 def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
-    """Saved job records (``results.json``) in the layout of `runs_frame`, so a sweep's summary can be
-    built from disk, with or without a tracking server."""
+    """Saved job records (``results.json``) in the layout of `rtdlm_experiments.tracking.runs_frame`, so a
+    sweep's summary can be built from disk, with or without a tracking server."""
     rows = []
     for record in records:
         row: dict[str, Any] = {
@@ -80,16 +59,6 @@ def records_frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
         row.update({f"params.{key}": str(value) for key, value in flatten_config(record["config"]).items()})
         rows.append(row)
     return pd.DataFrame.from_records(rows)
-
-
-def search_job_runs(
-    client: MlflowClient, experiment_id: str, parent_run_id: str | None = None
-) -> pd.DataFrame:
-    """Every job run of an experiment, or only the children of one sweep."""
-    filters = [f"tags.`{JOB_TAG}` = 'true'"]
-    if parent_run_id:
-        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return runs_frame(tracking.search_runs(client, experiment_id, " and ".join(filters)))
 
 
 def summary_table(runs: pd.DataFrame, sort_by: str | None = None) -> pd.DataFrame:
@@ -360,11 +329,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     client = tracking.mlflow_client(tracking.resolve_tracking_uri(args.uri))
-    experiment = client.get_experiment_by_name(args.experiment)
-    if experiment is None:
+    experiment_id = tracking.experiment_id(client, args.experiment)
+    if experiment_id is None:
         parser.exit(1, f"error: no MLflow experiment named {args.experiment!r} at {client.tracking_uri}\n")
     try:
-        table = summary_table(search_job_runs(client, experiment.experiment_id, args.sweep), args.sort_by)
+        table = summary_table(tracking.search_job_runs(client, experiment_id, args.sweep), args.sort_by)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
     if table.empty:

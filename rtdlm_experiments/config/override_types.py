@@ -1,6 +1,6 @@
 """Command-line overrides of numeric fields checked before Hydra composes the config: Hydra rejects
 ``seed=abc`` with a multi-line message and exit code 1, where every other bad value gets one line and
-exit code 2 (`rtdlm_experiments.config.schema.ConfigError`). The schema dataclasses say which keys are
+exit code 2 (`rtdlm_experiments.config.errors.ConfigError`). The schema dataclasses say which keys are
 numeric.
 """
 
@@ -10,7 +10,8 @@ import dataclasses
 import typing
 from collections.abc import Iterator, Sequence
 
-from rtdlm_experiments.config.schema import DECODER_SCHEMAS, ConfigError, ExperimentConfig
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.schema import DECODER_SCHEMAS, ExperimentConfig
 
 NUMERIC = (int, float)
 _SWEEP_SYNTAX = ("(", "[", "{", "$")
@@ -64,7 +65,7 @@ def check_overrides(arguments: Sequence[str]) -> None:
     >>> check_overrides(["seed=abc"])
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.config.schema.ConfigError: seed='abc' is invalid: must be an integer
+    rtdlm_experiments.config.errors.ConfigError: seed='abc' is invalid: must be an integer
     """
     keys = numeric_keys()
     for argument in arguments:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.config.schema import config_dir, output_root
+from rtdlm_experiments.config.paths import config_dir, output_root
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

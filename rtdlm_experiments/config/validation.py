@@ -13,8 +13,7 @@ from typing import Any
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from rtdlm_experiments.config.schema import ConfigError
-from rtdlm_experiments.job.evaluation import ExecutionSettings, check_code_execution, execution_settings
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.job.prompt_sets import Prompt, build_task, load_prompts, stop_strings
 from rtdlm_experiments.models import ModelPreparationError, validate_model_config
 from rtdlm_experiments.models.registry import resolve_model_engine
@@ -46,6 +45,35 @@ _POSITIVE_DECODER_FIELDS = ("num_draft_tokens", "max_ngram", "exit_layer")
 DRAFT_MODEL_KEY = "draft_model"
 """A decoder config field naming a model config: the app loads it next to the target and passes the
 loaded model under this keyword."""
+
+
+@dataclass(frozen=True)
+class ExecutionSettings:
+    """The ``eval`` config: whether model-written code may run, and how."""
+
+    allow_code_execution: bool = False
+    timeout_s: float = 5.0
+    workers: int | None = None
+
+
+def execution_settings(cfg: Mapping[str, Any]) -> ExecutionSettings:
+    """The ``eval`` config node as `ExecutionSettings`."""
+    return ExecutionSettings(
+        bool(cfg.get("allow_code_execution", False)), float(cfg.get("timeout_s", 5.0)), cfg.get("workers")
+    )
+
+
+def check_code_execution(task: Task, settings: ExecutionSettings) -> None:
+    """Scoring that runs model-written code is opt-in: fail (before any model loads) unless allowed."""
+    if settings.timeout_s <= 0:
+        raise ConfigError(f"eval.timeout_s={settings.timeout_s} is invalid: must be > 0")
+    if settings.workers is not None and settings.workers < 1:
+        raise ConfigError(f"eval.workers={settings.workers} is invalid: must be >= 1, or null")
+    if task.needs_code_execution and not settings.allow_code_execution:
+        raise ConfigError(
+            "eval.allow_code_execution=false is invalid for these prompts: scoring them runs model-written "
+            "code (sandboxed); pass eval.allow_code_execution=true to allow it"
+        )
 
 
 @dataclass(frozen=True)
@@ -129,11 +157,11 @@ def check_range(name: str, value: Any, low: float, high: float) -> None:
     >>> check_range("num_samples", 10**9, 1, 10_000)
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.config.schema.ConfigError: num_samples=1000000000 is invalid: must be in [1, 10000]
+    rtdlm_experiments.config.errors.ConfigError: num_samples=1000000000 is invalid: must be in [1, 10000]
     >>> check_range("eval.timeout_s", float("nan"), 0.001, 3600)
     Traceback (most recent call last):
     ...
-    rtdlm_experiments.config.schema.ConfigError: eval.timeout_s=nan is invalid: must be in [0.001, 3600]
+    rtdlm_experiments.config.errors.ConfigError: eval.timeout_s=nan is invalid: must be in [0.001, 3600]
     """
     if not low <= value <= high:
         raise ConfigError(f"{name}={value} is invalid: must be in [{low:g}, {high:g}]")

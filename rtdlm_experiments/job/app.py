@@ -1,8 +1,8 @@
 """One experiment job: validated spec → model + decoder → generations → metrics.
 
-Everything here is computation: validation is `rtdlm_experiments.config.validation`'s (re-exported here), the
-job's record format `rtdlm_experiments.results.record`', saving and logging it the entry point's
-(`rtdlm_experiments.__main__`).
+Everything here is computation: validation is `rtdlm_experiments.config.validation`'s (its `JobSpec` is
+what arrives here, checked once), the job's record format `rtdlm_experiments.results.record`'s, saving and
+logging it the entry point's (`rtdlm_experiments.__main__`).
 """
 
 from __future__ import annotations
@@ -16,26 +16,20 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from rtdlm_experiments.config.schema import ConfigError
-from rtdlm_experiments.config.validation import (
-    DRAFT_MODEL_KEY,
-    JobSpec,
-    check_model_fit,
-    validate_decoder_config,
-)
-from rtdlm_experiments.config.validation import (  # re-exported: the app's public API since before the split
-    TRACKING_BACKENDS as TRACKING_BACKENDS,
-)
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.validation import DRAFT_MODEL_KEY, JobSpec, check_model_fit
+
+# Only tests/test_llamacpp_cache.py (another branch's file) still calls these through this module; they live
+# in `rtdlm_experiments.config.validation`: drop the two lines once it imports them from there.
 from rtdlm_experiments.config.validation import prepare_job as prepare_job
 from rtdlm_experiments.config.validation import resolved_config as resolved_config
-from rtdlm_experiments.config.validation import sampling_config as sampling_config
-from rtdlm_experiments.job.companions import check_same_tokenizer as check_same_tokenizer  # re-exported
 from rtdlm_experiments.job.companions import load_companion
 from rtdlm_experiments.job.evaluation import JobGenerations, evaluate_job
 from rtdlm_experiments.job.judge import generation_nll
 from rtdlm_experiments.job.prompt_sets import Prompt
 from rtdlm_experiments.metrics import all_metrics
 from rtdlm_experiments.models import load_model
+from rtdlm_experiments.models.registry import MODELS
 from rtdlm_experiments.search.racing import Race, select_rows
 from sampling.decoding import AutoregressiveDecoder
 from sampling.decoding.base import CausalLM, Decoder, GenerateOptions, GenerationOutput, Progress
@@ -72,6 +66,8 @@ class JobResult:
     artifacts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Rows of extra job files by file name (e.g. HumanEval's per-sample results)."""
     tags: dict[str, str] = field(default_factory=dict)
+    weights_sha256: str | None = None
+    """The sha-256 the model registry records for the weights (None for tiny or local models)."""
 
 
 # --- building ---------------------------------------------------------------------------------------
@@ -81,12 +77,12 @@ def build_decoder(
     cfg: Mapping[str, Any], target: CausalLM, load_draft_model: Callable[..., CausalLM] = load_model
 ) -> Decoder:
     """The decoder a ``decoder`` config describes, for ``target``, built with ``hydra.utils.instantiate``.
+    ``cfg`` is a checked one (`JobSpec.decoder`: `rtdlm_experiments.config.validation.prepare_job`).
 
     A ``_partial_`` config is completed with what depends on the target: a ``draft_model`` (a model
     config name) is loaded by ``load_draft_model`` where the target is and must share its tokenizer.
     An ``exit_layer`` must be below the target's layer count.
     """
-    validate_decoder_config(cfg)
     check_exit_layer(cfg, target)
     arguments = {key: value for key, value in cfg.items() if key not in (*_LABEL_KEYS, DRAFT_MODEL_KEY)}
     built = instantiate(arguments)
@@ -243,7 +239,13 @@ def run_job(
         baseline=baseline,
         artifacts=evaluation.artifacts | (race.artifacts() if race else {}),
         tags=evaluation.tags,
+        weights_sha256=_weights_sha256(spec.model),
     )
+
+
+def _weights_sha256(model_cfg: Mapping[str, Any]) -> str | None:
+    spec = MODELS.get(str(model_cfg.get("name")))
+    return spec.sha256 if spec else None
 
 
 def _evaluate(

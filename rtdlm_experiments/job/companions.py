@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.models import load_model
 
 _TOKENIZER_PROBE = "def f(x):\n    return x * 2  # Ünïcödé, 数字 and emoji 🙂"

@@ -13,12 +13,12 @@ Every mean over generations or prompts carries ``<metric>_ci_low`` / ``<metric>_
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rtdlm_experiments.analysis.stats import RESAMPLES, SEED, Interval, bootstrap_ratio_ci
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.validation import ExecutionSettings, check_code_execution
 from rtdlm_experiments.metrics.intervals import generation_intervals, interval_entries
 from rtdlm_experiments.tasks.base import Generation, Prompt, Task, samples_file
 from rtdlm_experiments.tasks.execution import sandbox_isolation
@@ -30,15 +30,6 @@ task writes ``<task name>_samples.jsonl``: `rtdlm_experiments.tasks.base.samples
 ISOLATION_TAG = "execution_isolation"
 
 
-@dataclass(frozen=True)
-class ExecutionSettings:
-    """The ``eval`` config: whether model-written code may run, and how."""
-
-    allow_code_execution: bool = False
-    timeout_s: float = 5.0
-    workers: int | None = None
-
-
 @dataclass
 class Evaluation:
     """What `evaluate_job` adds to a job: metrics, artifact rows by file name, tags."""
@@ -46,19 +37,6 @@ class Evaluation:
     metrics: dict[str, float] = field(default_factory=dict)
     artifacts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-
-
-def check_code_execution(task: Task, settings: ExecutionSettings) -> None:
-    """Scoring that runs model-written code is opt-in: fail (before any model loads) unless allowed."""
-    if settings.timeout_s <= 0:
-        raise ConfigError(f"eval.timeout_s={settings.timeout_s} is invalid: must be > 0")
-    if settings.workers is not None and settings.workers < 1:
-        raise ConfigError(f"eval.workers={settings.workers} is invalid: must be >= 1, or null")
-    if task.needs_code_execution and not settings.allow_code_execution:
-        raise ConfigError(
-            "eval.allow_code_execution=false is invalid for these prompts: scoring them runs model-written "
-            "code (sandboxed); pass eval.allow_code_execution=true to allow it"
-        )
 
 
 def judge_scores(
@@ -138,10 +116,3 @@ def evaluate_job(
         metrics |= judge_scores(*judge_nll, groups, seed=seed)
     scored = task_scores(task or PromptSetTask(), job, chat_template, execution, seed=seed)
     return Evaluation(metrics | scored.metrics, scored.artifacts, scored.tags)
-
-
-def execution_settings(cfg: Mapping[str, Any]) -> ExecutionSettings:
-    """The ``eval`` config node as `ExecutionSettings`."""
-    return ExecutionSettings(
-        bool(cfg.get("allow_code_execution", False)), float(cfg.get("timeout_s", 5.0)), cfg.get("workers")
-    )

@@ -20,7 +20,8 @@ from typing import Any
 
 from hydra.utils import get_method
 
-from rtdlm_experiments.config.schema import ConfigError, config_dir
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.paths import config_dir
 from rtdlm_experiments.tasks.base import Prompt, Task, select_problems
 
 __all__ = ["Prompt", "build_task", "load_prompts", "stop_strings"]

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from rtdlm_experiments.results.environment import environment_info
 
 if TYPE_CHECKING:
-    from rtdlm_experiments.job.app import JobResult, JobSpec
+    from rtdlm_experiments.config.validation import JobSpec
+    from rtdlm_experiments.job.app import JobResult
 
 RESULTS_FILE = "results.json"
 GENERATIONS_FILE = "generations.jsonl"
@@ -31,10 +32,6 @@ SUMMARY_STEM = "summary"
 HYDRA_SWEEP_FILE = "multirun.yaml"
 """Written by Hydra into every sweep folder; how ``sync`` recognises one."""
 
-JOB_TAG = "rtdlm.job"
-"""Tag set on every job run (not on sweep parents), so reports can tell them apart."""
-CONFIG_HASH_TAG = "config_hash"
-"""Tag of every job run: `config_hash` of its resolved config."""
 
 KEY_METRICS = (
     "pass_at_1",
@@ -132,7 +129,12 @@ def job_record(
         "metrics": result.metrics,
         "timings": result.timings,
         "decoder_stats": result.output.stats,
-        "environment": {**environment_info(), "device": result.device, "dtype": result.dtype},
+        "environment": {
+            **environment_info(),
+            "device": result.device,
+            "dtype": result.dtype,
+            "weights_sha256": result.weights_sha256,
+        },
         "tags": dict(result.tags),
         "artifacts": sorted(result.artifacts),
     }

@@ -12,7 +12,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.search import outcome
 from rtdlm_experiments.search import study as studies
 from rtdlm_experiments.search.objectives import Objective, parse_constraints, parse_objectives

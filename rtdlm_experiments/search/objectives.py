@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.results.metric_names import plain_name, resolve_metric
 
 _DIRECTIONS = {"max": "maximize", "maximize": "maximize", "min": "minimize", "minimize": "minimize"}

@@ -185,12 +185,13 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def parent_summary(result: dict[str, Any]) -> tuple[dict[str, str], dict[str, float]]:
     """Tags and metrics of the search's parent run from ``result.json``'s content: the best trial's params
-    and job folder as tags (one objective), racing totals and the best values as metrics.
+    and job folder as tags (one objective), racing totals and the best values as metrics. The tags' names
+    are short; `rtdlm_experiments.tracking.log_search_outcome` prefixes them (``rtdlm.search.``).
 
     >>> result = {"objectives": ["quality/accuracy:maximize"], "racing": {"generations_saved": 3.0},
     ...           "chosen": [{"trial": 2, "values": [0.5], "params": {"t": 0.7}, "job_dir": "/x/2"}]}
     >>> tags, metrics = parent_summary(result)
-    >>> tags["rtdlm.search.best.t"], tags["rtdlm.search.best_job_dir"]
+    >>> tags["best.t"], tags["best_job_dir"]
     ('0.7', '/x/2')
     >>> metrics
     {'search/generations_saved': 3.0, 'search/best/quality/accuracy': 0.5}
@@ -202,12 +203,12 @@ def parent_summary(result: dict[str, Any]) -> tuple[dict[str, str], dict[str, fl
     chosen = result["chosen"]
     if len(result["objectives"]) == 1 and chosen:
         best = chosen[0]
-        tags["rtdlm.search.best_trial"] = str(best["trial"])
-        tags |= {f"rtdlm.search.best.{key}": str(value) for key, value in best["params"].items()}
+        tags["best_trial"] = str(best["trial"])
+        tags |= {f"best.{key}": str(value) for key, value in best["params"].items()}
         if best.get("job_dir"):
-            tags["rtdlm.search.best_job_dir"] = str(best["job_dir"])
+            tags["best_job_dir"] = str(best["job_dir"])
         metric = result["objectives"][0].rpartition(":")[0]
         metrics[f"search/best/{metric}"] = float(best["values"][0])
     else:
-        tags["rtdlm.search.front_trials"] = ",".join(str(trial["trial"]) for trial in chosen)
+        tags["front_trials"] = ",".join(str(trial["trial"]) for trial in chosen)
     return tags, metrics

@@ -22,7 +22,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.search.objectives import Constraint, Objective
 from rtdlm_experiments.search.racing import PROMPT_SCORES_FILE
 

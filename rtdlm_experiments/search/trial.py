@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.search.objectives import parse_objectives
 from rtdlm_experiments.search.racing import Race
 

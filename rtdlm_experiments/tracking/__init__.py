@@ -9,9 +9,9 @@ A multirun is one parent run with one child run per job; `rtdlm_experiments.trac
 the parent. With ``tracking.parent_run_id=<id>`` a multirun resumes an existing parent instead
 (`resume_sweep`).
 
-Modules: `store` (URI, client, store creation under a lock, experiment, UI links), `names` (run
-names), `contents` (what a run holds, built from a saved job), `jobs` (a job's run), `runs` (finding
-runs), `sweeps` (parent runs).
+Modules: `store` (URI, client, store creation under a lock, experiment, UI links), `names` (tag
+names, run names), `contents` (what a run holds, built from a saved job), `jobs` (a job's run), `runs`
+(finding runs), `sweeps` (parent runs), `scheduled` (the scheduler's parent runs and drift tags).
 """
 
 from rtdlm_experiments.tracking.jobs import (
@@ -22,6 +22,7 @@ from rtdlm_experiments.tracking.jobs import (
     start_job_run,
     upload_job,
 )
+from rtdlm_experiments.tracking.names import BEST_JOB_DIR_TAG, SWEEP_TAG
 from rtdlm_experiments.tracking.runs import (
     child_runs,
     find_run,
@@ -29,7 +30,7 @@ from rtdlm_experiments.tracking.runs import (
     search_runs,
     search_runs_by_tag,
 )
-from rtdlm_experiments.tracking.search import BEST_JOB_DIR_TAG, log_search_outcome, run_sampling_fields
+from rtdlm_experiments.tracking.search import log_search_outcome, run_sampling_fields
 from rtdlm_experiments.tracking.store import (
     TrackingUnavailable,
     default_tracking_uri,
@@ -42,7 +43,6 @@ from rtdlm_experiments.tracking.store import (
     ui_command,
 )
 from rtdlm_experiments.tracking.sweeps import (
-    SWEEP_TAG,
     attach_files,
     common_params,
     end_if_running,
@@ -50,6 +50,7 @@ from rtdlm_experiments.tracking.sweeps import (
     resume_sweep,
     start_sweep,
 )
+from rtdlm_experiments.tracking.tables import experiment_id, runs_frame, search_job_runs
 
 __all__ = [
     "BEST_JOB_DIR_TAG",
@@ -63,6 +64,7 @@ __all__ = [
     "discard_job_run",
     "end_if_running",
     "ensure_experiment",
+    "experiment_id",
     "find_run",
     "finish_sweep",
     "finished_child_runs",
@@ -75,7 +77,9 @@ __all__ = [
     "resume_sweep",
     "run_sampling_fields",
     "run_url",
+    "runs_frame",
     "runs_table_url",
+    "search_job_runs",
     "search_runs",
     "search_runs_by_tag",
     "start_job_run",

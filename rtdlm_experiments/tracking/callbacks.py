@@ -31,6 +31,7 @@ from rtdlm_experiments.results.record import (
     write_sweep_info,
 )
 from rtdlm_experiments.tracking import names
+from rtdlm_experiments.tracking.names import SWEEP_DIR_TAG
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def open_parent_run(config: DictConfig, info: dict[str, Any], sweep_dir: Path) -
     finished jobs, or a new one; with ``mlflow_error`` instead when the store is unavailable."""
     overrides = " ".join(config.hydra.overrides.task)
     tags = {
-        "sweep_dir": str(sweep_dir),
+        SWEEP_DIR_TAG: str(sweep_dir),
         "hydra.overrides": overrides,
         "mlflow.source.type": "LOCAL",
         "mlflow.source.name": f"python -m rtdlm_experiments -m {overrides}",

@@ -12,16 +12,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rtdlm_experiments.results.record import CONFIG_HASH_TAG, JOB_TAG
+from rtdlm_experiments.tracking.names import (
+    CONFIG_HASH_TAG,
+    GIT_DIRTY_TAG,
+    HOST_TAG,
+    JOB_TAG,
+    MODEL_DTYPE_TAG,
+    MODEL_NAME_TAG,
+    MODEL_SHA256_TAG,
+    VERSION_TAG_PREFIX,
+)
 
 GENERATION_COLUMNS = ("prompt_index", "sample_index", "category", "prompt", "output")
 """The leading columns of the generations table; every other scalar field of a row (its per-row
 metrics) follows them."""
 _NOT_TABULATED = ("token_ids", "seed", "prompt_tokens")
 _TAG_LIMIT = 4000
-VERSION_TAG_PREFIX = "rtdlm.version."
-HOST_TAG = "rtdlm.host"
-GIT_DIRTY_TAG = "rtdlm.git_dirty"
 
 
 def environment_tags(environment: Mapping[str, Any]) -> dict[str, str]:
@@ -47,17 +53,17 @@ def environment_tags(environment: Mapping[str, Any]) -> dict[str, str]:
 
 
 def model_tags(model: Mapping[str, Any], dtype: str | None, weights_sha256: str | None) -> dict[str, str]:
-    """The model as tags: name, dtype, and the sha-256 of its weights when the registry knows it.
+    """The model as tags: name, dtype, and the sha-256 of its weights when the job recorded it.
 
     >>> model_tags({"name": "m", "dtype": "float32"}, None, "ab")
     {'rtdlm.model.name': 'm', 'rtdlm.model.dtype': 'float32', 'rtdlm.model.sha256': 'ab'}
     """
     tags = {
-        "rtdlm.model.name": str(model.get("name", "")),
-        "rtdlm.model.dtype": str(dtype or model.get("dtype")),
+        MODEL_NAME_TAG: str(model.get("name", "")),
+        MODEL_DTYPE_TAG: str(dtype or model.get("dtype")),
     }
     if weights_sha256:
-        tags["rtdlm.model.sha256"] = weights_sha256
+        tags[MODEL_SHA256_TAG] = weights_sha256
     return tags
 
 

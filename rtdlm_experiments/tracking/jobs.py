@@ -192,20 +192,12 @@ def _log_model_and_prompts(
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     model = record["config"].get("model") or {}
-    dtype = (record.get("environment") or {}).get("dtype")
-    for key, value in model_tags(model, dtype, _weights_sha256(model.get("name"))).items():
+    environment = record.get("environment") or {}
+    for key, value in model_tags(model, environment.get("dtype"), environment.get("weights_sha256")).items():
         client.set_tag(run_id, key, value)
     if dataset := prompt_set(record["config"], generations):
         context = InputTag(key="mlflow.data.context", value="eval")
         client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**dataset), tags=[context])])
-
-
-def _weights_sha256(model_name: str | None) -> str | None:
-    """The sha-256 the model registry records for a named model's weights (None for tiny or local ones)."""
-    from rtdlm_experiments.models.registry import MODELS
-
-    spec = MODELS.get(str(model_name))
-    return spec.sha256 if spec else None
 
 
 def _log_record_artifacts(client: MlflowClient, run_id: str, job_dir: Path, names: Sequence[str]) -> None:

@@ -1,5 +1,6 @@
-"""Run names that say what differs: a sweep's parent names what it sweeps and on which model, a child
-only its own swept values, a single run its preset, decoder and model.
+"""Every tag name this project sets on MLflow runs, and run names that say what differs: a sweep's parent
+names what it sweeps and on which model, a child only its own swept values, a single run its preset,
+decoder and model.
 
     sweep sampling=creative,balanced · qwen2.5-coder-0.5b      (parent)
     creative                                                   (child of that sweep)
@@ -10,6 +11,45 @@ only its own swept values, a single run its preset, decoder and model.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+
+# --- tag names: the only place they are spelled ----------------------------------------------------------
+
+JOB_TAG = "rtdlm.job"
+"""Tag set on every job run (not on sweep parents), so reports can tell them apart."""
+CONFIG_HASH_TAG = "config_hash"
+"""Tag of every job run: `config_hash` of its resolved config."""
+SWEEP_TAG = "rtdlm.sweep"
+"""Tag of every sweep's parent run: ``true``, or the sweep preset's name when the scheduler started it."""
+SWEEP_DIR_TAG = "sweep_dir"
+"""On a sweep's parent: its output folder."""
+HOST_TAG = "rtdlm.host"
+"""The host a run was started on; on a scheduled parent, the host whose scheduler runs it now."""
+VERSION_TAG_PREFIX = "rtdlm.version."
+GIT_DIRTY_TAG = "rtdlm.git_dirty"
+MODEL_NAME_TAG = "rtdlm.model.name"
+MODEL_DTYPE_TAG = "rtdlm.model.dtype"
+MODEL_SHA256_TAG = "rtdlm.model.sha256"
+SEARCH_TAG_PREFIX = "rtdlm.search."
+"""A search's outcome on its parent run: ``best_trial``, ``best.<param>``, ``best_job_dir``,
+``front_trials``."""
+BEST_JOB_DIR_TAG = f"{SEARCH_TAG_PREFIX}best_job_dir"
+"""On a search's parent: the folder of its best trial's job (what ``presets save --from-run`` follows)."""
+SCHEDULE_KEY_TAG = "rtdlm.schedule.key"
+"""A scheduled sweep's idempotency key (`rtdlm_experiments.schedule`)."""
+SCHEDULE_OVERRIDES_TAG = "rtdlm.schedule.overrides"
+DRIFT_TAG = "rtdlm.drift"
+"""``ok``, ``drift`` or ``no_baseline``."""
+DRIFT_BASELINE_TAG = "rtdlm.drift.baseline_run_id"
+DRIFT_DETAILS_TAG = "rtdlm.drift.drifted"
+
+LEGACY_SCHEDULE_SWEEP_TAG = "rtdlm.schedule.sweep"
+"""Older spelling of a scheduled parent's `SWEEP_TAG` (its sweep's name), still read: yesterday's
+scheduled runs carry it and are today's drift baseline."""
+LEGACY_SCHEDULE_HOST_TAG = "rtdlm.schedule.host"
+"""Older spelling of a scheduled parent's `HOST_TAG`, still read: an unfinished parent that carries it
+is resumed only by the host it names (and a resume moves it to `HOST_TAG`)."""
+
+# --- run names ------------------------------------------------------------------------------------------
 
 SEPARATOR = " · "
 _MODEL_KEY = "model"

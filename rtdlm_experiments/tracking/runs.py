@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from rtdlm_experiments.results.metric_names import plain_metrics
-from rtdlm_experiments.results.record import CONFIG_HASH_TAG
+from rtdlm_experiments.tracking.names import CONFIG_HASH_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -7,21 +7,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rtdlm_experiments.tracking.names import SEARCH_TAG_PREFIX
 from rtdlm_experiments.tracking.store import mlflow_client
 from rtdlm_experiments.tracking.sweeps import attach_files
-
-BEST_JOB_DIR_TAG = "rtdlm.search.best_job_dir"
-"""On a search's parent: the folder of its best trial's job (what ``presets save --from-run`` follows)."""
 
 
 def log_search_outcome(
     tracking_uri: str,
     run_id: str,
     files: Mapping[str, Path],
-    tags: Mapping[str, str],
+    summary: Mapping[str, str],
     metrics: Mapping[str, float],
 ) -> None:
+    """Attach a search's files to its parent run, its ``summary`` (`search.outcome.parent_summary`) as
+    ``rtdlm.search.*`` tags and its metrics."""
     client = mlflow_client(tracking_uri)
+    tags = {f"{SEARCH_TAG_PREFIX}{key}": value for key, value in summary.items()}
     attach_files(client, run_id, list(files.values()), tags, artifact_path="search")
     for name, value in metrics.items():
         client.log_metric(run_id, name, value)

@@ -48,12 +48,14 @@ def wait_for_health(url: str, process: subprocess.Popen, log_path: Path, start_t
             time.sleep(0.5)
 
 
-def stop_process_group(process: subprocess.Popen, timeout: float = 15) -> None:
-    """SIGTERM the process group ``process`` leads (started with ``start_new_session``), SIGKILL after
-    ``timeout`` seconds."""
+def stop_process_group(
+    process: subprocess.Popen, timeout: float = 15, first_signal: signal.Signals = signal.SIGTERM
+) -> None:
+    """Send ``first_signal`` to the process group ``process`` leads (started with ``start_new_session``),
+    SIGKILL after ``timeout`` seconds."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    os.killpg(process.pid, first_signal)
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

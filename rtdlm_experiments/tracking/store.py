@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rtdlm_experiments.config.schema import output_root
+from rtdlm_experiments.config.paths import output_root
 from rtdlm_experiments.results.metric_names import namespaced
 from rtdlm_experiments.results.record import KEY_METRICS
 

@@ -7,18 +7,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rtdlm_experiments.config.schema import ConfigError
+from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.results.environment import environment_info
-from rtdlm_experiments.results.record import JOB_TAG, flatten_config
+from rtdlm_experiments.results.record import flatten_config
 from rtdlm_experiments.tracking.contents import environment_tags
 from rtdlm_experiments.tracking.jobs import param_value
+from rtdlm_experiments.tracking.names import JOB_TAG, SWEEP_TAG
 from rtdlm_experiments.tracking.runs import child_runs, find_run, finished_child_runs
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
-
-SWEEP_TAG = "rtdlm.sweep"
-"""Tag of every sweep's parent run."""
 
 
 def start_sweep(client: MlflowClient, experiment_id: str, run_name: str, tags: Mapping[str, str]) -> str:

@@ -30,6 +30,7 @@ from rtdlm_experiments.results.record import (
     write_sweep_info,
 )
 from rtdlm_experiments.tracking import TrackedRun
+from rtdlm_experiments.tracking.names import SWEEP_DIR_TAG
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -151,7 +152,9 @@ def _sweep_parent(client: MlflowClient, sweep_dir: Path, experiment_name: str) -
     parent = {
         "tracking_uri": client.tracking_uri,
         "experiment_id": experiment_id,
-        "parent_run_id": tracking.start_sweep(client, experiment_id, run_name, {"sweep_dir": str(sweep_dir)}),
+        "parent_run_id": tracking.start_sweep(
+            client, experiment_id, run_name, {SWEEP_DIR_TAG: str(sweep_dir)}
+        ),
     }
     write_sweep_info(sweep_dir, {**info, "mlflow": parent, "mlflow_error": None})
     return parent
