@@ -22,6 +22,7 @@ from rtdlm_experiments.models.llamacpp import LlamaCppCausalLM
 from rtdlm_experiments.models.llamacpp_cache import LlamaCppCache
 from sampling import SamplingConfig, TokenSampler, get_preset
 from sampling.decoding import AutoregressiveDecoder, PromptLookupDecoder, SpeculativeDecoder
+from sampling.decoding.base import GenerateOptions
 from tests.test_speculative import joint_p_value, resample_from_target_on_rejection
 
 pytestmark = [
@@ -98,9 +99,8 @@ def exact_joint(model, prompt: list[int], length: int) -> dict[tuple[int, ...], 
 def draw(decoder, model, prompts: list[list[int]]) -> list[list[int]]:
     """DRAWS continuations, cycling through ``prompts`` (rows of different lengths share a batch)."""
     rows = [prompts[i % len(prompts)] for i in range(DRAWS)]
-    out = decoder.generate(
-        model, rows, CONFIG, LENGTH, row_seeds=range(DRAWS), ignore_eos=True, max_batch_size=32
-    )
+    options = GenerateOptions(row_seeds=range(DRAWS), ignore_eos=True, max_batch_size=32)
+    out = decoder.generate(model, rows, CONFIG, LENGTH, options)
     assert all(len(ids) == LENGTH for ids in out.token_ids)
     return out.token_ids
 
@@ -164,12 +164,12 @@ def test_draft_verify_decoders_draw_the_samplers_distribution(
     joint = exact_joint(model, prompt, LENGTH)
     # static batches of 16: the previous batch's cache is released only after the next one is prefilled,
     # so n_seq_max (32) must hold two batches
-    options = {"row_seeds": range(DRAWS), "ignore_eos": True, "max_batch_size": 16}
-    out = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, **options)
+    options = GenerateOptions(row_seeds=range(DRAWS), ignore_eos=True, max_batch_size=16)
+    out = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, options)
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0, "exercise acceptance and rejection"
     assert joint_p_value(out.token_ids, joint) > 1e-3
     monkeypatch.setattr(draft_verify, "verify_drafts", resample_from_target_on_rejection)
-    broken = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, **options)
+    broken = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, options)
     assert rejected(broken.token_ids, joint)
 
 
@@ -211,9 +211,9 @@ def test_refill_batching_gives_each_row_its_tokens_alone(model):
     prompts = [encode(model, text) for text in TEXTS] * 2
     config = get_preset("balanced", seed=0)
     decoder, seeds = AutoregressiveDecoder(), list(range(len(prompts)))
-    alone = decoder.generate(model, prompts, config, 12, row_seeds=seeds, max_batch_size=1).token_ids
-    refilled = decoder.generate(model, prompts, config, 12, row_seeds=seeds, max_batch_size=4).token_ids
-    assert refilled == alone
+    alone = decoder.generate(model, prompts, config, 12, GenerateOptions(row_seeds=seeds, max_batch_size=1))
+    batched = GenerateOptions(row_seeds=seeds, max_batch_size=4)
+    assert decoder.generate(model, prompts, config, 12, batched).token_ids == alone.token_ids
 
 
 def test_the_engine_serves_the_app_config_path(model):
