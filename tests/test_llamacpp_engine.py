@@ -32,6 +32,7 @@ pytestmark = [
 
 NAME = "qwen2.5-coder-0.5b"
 DRAWS = int(os.environ.get("RTDLM_LLAMACPP_DRAWS", "800"))
+VERIFY_DRAWS = int(os.environ.get("RTDLM_LLAMACPP_VERIFY_DRAWS", "256"))
 LENGTH = 2
 CONFIG = SamplingConfig(temperature=1.6, top_k=4)  # at most 4 tokens per step: 4 + 16 cells to enumerate
 TEXTS = ("def add(a, b):\n    return", "The capital of France is", "x = [1, 2, 3]\nfor i in x:\n    print(")
@@ -47,19 +48,21 @@ def model():
 @pytest.fixture(scope="module")
 def draft():
     """The same weights in a second llama.cpp context, logits perturbed: a draft that is often accepted
-    and often rejected (the 0.5B is our smallest model; a real pair would need the 1.5B as target)."""
+    and often rejected (the 0.5B is our smallest model; a real pair would need the 1.5B as target).
+    Scale 0.3: after "Hello" q overlaps p by ~0.5, where resampling from p after a rejection is furthest
+    from exact (noncentrality ~60 at 256 draws; at scale 1.5 it was ~5 and that twin passed)."""
     other = load_model(
-        NAME, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=1, n_ctx=256, n_seq_max=33)
+        NAME, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=1, n_ctx=256, n_seq_max=32)
     )
-    return PerturbedDraft(other)
+    return PerturbedDraft(other, scale=0.3)
 
 
 class PerturbedDraft:
     """A `CausalLM` delegating to a llama.cpp model, with a fixed random offset added to its logits."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, scale: float) -> None:
         self.inner = inner
-        self.offset = 1.5 * torch.randn(inner.vocab_size, generator=torch.Generator().manual_seed(3))
+        self.offset = scale * torch.randn(inner.vocab_size, generator=torch.Generator().manual_seed(3))
         for attribute in ("num_layers", "vocab_size", "eos_token_ids", "max_context", "device", "tokenizer"):
             setattr(self, attribute, getattr(inner, attribute))
 
@@ -124,6 +127,11 @@ def short_prompt(model) -> list[int]:
     return encode(model, "Hello")  # left-padded by 14 columns next to `prompt`
 
 
+@pytest.fixture(scope="module")
+def lookup_prompt(model) -> list[int]:
+    return encode(model, "a b a b a")  # 5 tokens: prompt lookup drafts from the first round on
+
+
 def test_autoregressive_refill_draws_the_samplers_distribution(model, prompt, short_prompt):
     prompts = [prompt, short_prompt]
     assert min(p_values(model, prompts, draw(AutoregressiveDecoder(), model, prompts))) > 1e-3
@@ -153,23 +161,43 @@ def rejected(tokens: list[list[int]], joint: dict[tuple[int, ...], float]) -> bo
         return True
 
 
+def draft_verify_decoders(draft, gamma: int) -> dict:
+    return {
+        "speculative": SpeculativeDecoder(draft, num_draft_tokens=gamma, policy="constant"),
+        "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=gamma, policy="constant"),
+    }
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_greedy_draft_verify_gives_the_autoregressive_tokens(model, draft, prompt, batch_size):
+    """Deterministic check of the cache under rollback: greedy drafts (often rejected: a strongly perturbed
+    draft) cropped, holes left by rows that kept fewer drafts, rows of different lengths; every decoder
+    must emit the token ids greedy autoregressive decoding emits on this engine."""
+    prompts = [prompt] + [encode(model, text) for text in TEXTS[:2]]
+    greedy, length = SamplingConfig(temperature=0.0), 10
+    options = GenerateOptions(ignore_eos=True, max_batch_size=batch_size)
+    reference = AutoregressiveDecoder().generate(model, prompts, greedy, length, options).token_ids
+    for name, decoder in draft_verify_decoders(PerturbedDraft(draft.inner, scale=3.0), gamma=3).items():
+        out = decoder.generate(model, prompts, greedy, length, options)
+        assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0, name
+        assert out.token_ids == reference, name
+
+
 @pytest.mark.parametrize("decoder_name", ["speculative", "prompt_lookup"])
 def test_draft_verify_decoders_draw_the_samplers_distribution(
-    model, draft, prompt, decoder_name, monkeypatch
+    model, draft, short_prompt, lookup_prompt, decoder_name, monkeypatch
 ):
-    decoder = {
-        "speculative": SpeculativeDecoder(draft, num_draft_tokens=2, policy="constant"),
-        "prompt_lookup": PromptLookupDecoder(max_ngram=2, num_draft_tokens=2, policy="constant"),
-    }[decoder_name]
+    """Speculative runs on "Hello" (a flat target, so the twin's bias shows), prompt lookup on a prompt it
+    drafts from; batches of 32 = n_seq_max (the finished batch's sequences are reclaimed)."""
+    decoder = draft_verify_decoders(draft, gamma=2)[decoder_name]
+    prompt = short_prompt if decoder_name == "speculative" else lookup_prompt
     joint = exact_joint(model, prompt, LENGTH)
-    # static batches of 16: the previous batch's cache is released only after the next one is prefilled,
-    # so n_seq_max (32) must hold two batches
-    options = GenerateOptions(row_seeds=range(DRAWS), ignore_eos=True, max_batch_size=16)
-    out = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, options)
+    options = GenerateOptions(row_seeds=range(VERIFY_DRAWS), ignore_eos=True, max_batch_size=32)
+    out = decoder.generate(model, [prompt] * VERIFY_DRAWS, CONFIG, LENGTH, options)
     assert out.stats["drafted_tokens"] > out.stats["accepted_tokens"] > 0, "exercise acceptance and rejection"
     assert joint_p_value(out.token_ids, joint) > 1e-3
     monkeypatch.setattr(draft_verify, "verify_drafts", resample_from_target_on_rejection)
-    broken = decoder.generate(model, [prompt] * DRAWS, CONFIG, LENGTH, options)
+    broken = decoder.generate(model, [prompt] * VERIFY_DRAWS, CONFIG, LENGTH, options)
     assert rejected(broken.token_ids, joint)
 
 
