@@ -223,16 +223,26 @@ def solo_and_batched_logits(model, prompts: list[list[int]], steps: int) -> tupl
     return solo_logits, torch.stack(batched, dim=1)
 
 
-def test_a_rows_logits_do_not_depend_on_its_batch_and_runs_repeat_exactly(model, record_property):
+def test_a_rows_logits_barely_depend_on_its_batch_and_runs_repeat_exactly(model, record_property):
+    """llama.cpp's batched kernels do change a row's logits with its batch (not bit-exact): measured
+    2026-12-06 on this VM (1 thread, qwen2.5-coder-0.5b Q4_K_M, 3 rows x 6 greedy steps), batch 1 vs 3:
+    max |logit difference| 0.316 over the whole vocabulary, max total variation of softmax(logits)
+    0.0148 (both printed and recorded by each run). So each row is sampled exactly from the
+    logits of the batch it ran in, and those differ from its batch-1 logits by this much; the same batch
+    twice is bit-identical."""
     prompts = [encode(model, text) for text in TEXTS]
     solo, batched = solo_and_batched_logits(model, prompts, steps=6)
     _, again = solo_and_batched_logits(model, prompts, steps=6)
     assert torch.equal(batched, again), "the same batch twice must give bit-identical logits"
     difference = float((solo - batched).abs().max())
-    record_property("max_abs_logit_difference_batch1_vs_batch3", difference)
-    print(json.dumps({"max_abs_logit_difference_batch1_vs_batch3": difference}))
+    variation = float(0.5 * (solo.softmax(-1) - batched.softmax(-1)).abs().sum(-1).max())
+    measured = {"max_abs_logit_difference_batch1_vs_batch3": difference, "max_total_variation": variation}
+    for key, value in measured.items():
+        record_property(key, value)
+    print(json.dumps(measured))
     assert torch.equal(solo.argmax(-1), batched.argmax(-1))
-    assert difference < 0.05 * float(solo.abs().max())  # measured: see the README's engine section
+    assert difference < 0.05 * float(solo.abs().max())
+    assert variation < 0.02
 
 
 def test_refill_batching_gives_each_row_its_tokens_alone(model):
