@@ -45,7 +45,35 @@ def test_rows_take_the_lowest_free_sequences_and_give_them_back():
     fed(third, [[1], [1], [1]])
     assert third.seq_ids == [0, 1, 3]
     with pytest.raises(RuntimeError, match=r"n_seq_max"):
-        fed(LlamaCppCache(pool, removed), [[1]])
+        fed(LlamaCppCache(pool, removed), [[1]] * 5)
+
+
+def test_a_cache_kept_alive_by_a_failed_call_never_blocks_the_next_batch():
+    """A failed call's traceback keeps its cache alive: the pool reclaims the least recently used other
+    cache's sequences, and that cache raises if it is ever used again (it never reads others' cells)."""
+    pool, removed = SequencePool(4), Recorder()
+    failed, finished = LlamaCppCache(pool, removed), LlamaCppCache(pool, removed)
+    fed(failed, [[1], [1]])
+    fed(finished, [[1], [1]])
+    fed(failed, [[1], [1]])  # used last: the finished batch goes first
+    newcomer = LlamaCppCache(pool, removed)
+    fed(newcomer, [[1], [1], [1]])
+    assert sorted(newcomer.seq_ids) == [0, 1, 2] and failed.seq_ids == [] and finished.seq_ids == []
+    assert sorted(removed.calls) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    with pytest.raises(RuntimeError, match="reclaimed for a newer batch"):
+        fed(failed, [[1], [1]])
+    fed(newcomer, [[1], [1], [1]])  # still its own: a cache is never reclaimed for itself
+    assert sorted(newcomer.seq_ids) == [0, 1, 2]
+
+
+def test_a_cache_frees_its_sequences_on_leaving_with_and_when_collected():
+    pool, removed = SequencePool(2), Recorder()
+    with LlamaCppCache(pool, removed) as cache:
+        fed(cache, [[1], [1]])
+    assert sorted(pool.take(2)) == [0, 1]
+    pool.give_back([0, 1])
+    fed(LlamaCppCache(pool, removed), [[1], [1]])  # dropped at once: the finalizer frees it
+    assert sorted(pool.take(2)) == [0, 1] and sorted(removed.calls) == [(0, 0), (0, 0), (1, 0), (1, 0)]
 
 
 def test_a_rejected_tail_that_became_a_hole_is_removed_before_the_next_forward():

@@ -124,7 +124,8 @@ class LlamaCppCausalLM:
     # -- cache ---------------------------------------------------------------------------------------
 
     def new_cache(self) -> LlamaCppCache:
-        """An empty cache; its rows take sequence ids at the first forward and free them when dropped."""
+        """An empty cache; its rows take sequence ids at the first forward and free them on `release`,
+        on leaving ``with``, at garbage collection, or when a newer batch needs them (`SequencePool`)."""
         return LlamaCppCache(self._pool, self._remove)
 
     def _remove(self, seq_id: int, start: int) -> None:
@@ -161,7 +162,11 @@ class LlamaCppCausalLM:
             new_mask = mask[:, past:]
             self._check_room(cache, new_mask)
             out = torch.zeros(batch, wanted, self.vocab_size, dtype=torch.float32)
-            self._decode(input_ids, cache, new_mask, out, steps - wanted)
+            try:
+                self._decode(input_ids, cache, new_mask, out, steps - wanted)
+            except BaseException:  # llama.cpp may hold part of this input: the rows are unusable now
+                cache.evict("a forward on it failed part-way")
+                raise
             cache.extend(new_mask)
         return out
 

@@ -18,37 +18,80 @@ calls for refill batching: they move sequence ids, never KV data.
 
 from __future__ import annotations
 
-import sys
+import itertools
 import threading
+import weakref
 from collections.abc import Callable
 
 import torch
 
 
 class SequencePool:
-    """The free sequence ids of one llama.cpp context (lowest first, so rows in flight keep consecutive
-    ids, which llama.cpp batches into one micro-batch), shared by every cache of the model."""
+    """The sequence ids of one llama.cpp context, shared by every cache of the model: free ids are handed
+    out lowest first (rows in flight keep consecutive ids, which llama.cpp batches into one micro-batch).
+
+    Ownership never leaks: a cache frees its ids when released, closed (``with``) or garbage-collected,
+    and when the pool runs short it reclaims the ids of the least recently used other caches (a finished
+    batch still referenced by a loop variable, or by the traceback of a call that failed). A reclaimed
+    cache raises if it is used again, so nothing ever reads another row's cells.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
         self._free = list(range(size))
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._holders: dict[int, weakref.ref[LlamaCppCache]] = {}
+        self._clock = itertools.count()
 
-    def take(self, count: int) -> list[int]:
+    def take(self, count: int, owner: LlamaCppCache | None = None) -> list[int]:
         with self._lock:
-            if count > len(self._free):
+            if count > self.size:
                 raise RuntimeError(
-                    f"the llama.cpp context serves at most {self.size} sequences at once and "
-                    f"{self.size - len(self._free)} are in use; {count} more were asked for "
-                    f"(raise model.n_seq_max, or lower batch_size)"
+                    f"the llama.cpp context serves at most {self.size} sequences at once and a batch of "
+                    f"{count} rows was asked for (raise model.n_seq_max, or lower batch_size)"
                 )
+            self._reclaim(count, owner)
             self._free.sort()
             taken, self._free = self._free[:count], self._free[count:]
+            if owner is not None:
+                self._holders[id(owner)] = weakref.ref(owner)
             return taken
 
-    def give_back(self, ids: list[int]) -> None:
+    def _reclaim(self, count: int, owner: LlamaCppCache | None) -> None:
+        """Free the least recently used other caches' ids until ``count`` are free."""
+        if count <= len(self._free):
+            return
+        self._holders = {key: ref for key, ref in self._holders.items() if ref() is not None}
+        holders = [ref() for ref in self._holders.values()]
+        others = [h for h in holders if h is not None and h is not owner and h.seq_ids]
+        for holder in sorted(others, key=lambda h: h.last_used):
+            holder.evict(f"its sequences were reclaimed for a newer batch (n_seq_max={self.size})")
+            if count <= len(self._free):
+                return
+        raise RuntimeError(
+            f"the llama.cpp context serves at most {self.size} sequences at once and "
+            f"{self.size - len(self._free)} are in use by this batch; {count} more were asked for "
+            f"(raise model.n_seq_max, or lower batch_size)"
+        )
+
+    def touch(self) -> int:
+        """A stamp that orders uses of this pool's caches (least recently used first)."""
+        return next(self._clock)
+
+    def give_back(self, ids: list[int], owner: LlamaCppCache | None = None) -> None:
         with self._lock:
             self._free += ids
+            if owner is not None and not owner.seq_ids:
+                self._holders.pop(id(owner), None)
+
+
+def _free_sequences(pool: SequencePool, remove: Callable[[int, int], None], seq_ids: list[int]) -> None:
+    """A cache's finalizer: give its sequences back (it holds no reference to the cache itself)."""
+    ids, seq_ids[:] = list(seq_ids), []
+    for seq in ids:
+        remove(seq, 0)
+    if ids:
+        pool.give_back(ids)
 
 
 class LlamaCppCache:
@@ -59,9 +102,13 @@ class LlamaCppCache:
     def __init__(self, pool: SequencePool, remove: Callable[[int, int], None]) -> None:
         self._pool = pool
         self._remove = remove
-        self.seq_ids: list[int] = []
+        self.seq_ids: list[int] = []  # edited in place: the finalizer frees what it holds at collection
         self.real = torch.zeros(0, 0, dtype=torch.bool)
         self.held = torch.zeros(0, dtype=torch.long)
+        self.last_used = pool.touch()
+        self.evicted: str | None = None
+        self._finalizer = weakref.finalize(self, _free_sequences, pool, remove, self.seq_ids)
+        self._finalizer.atexit = False  # at interpreter exit the context goes anyway
 
     # -- what the model's forward needs ---------------------------------------------------------------
 
@@ -71,8 +118,10 @@ class LlamaCppCache:
 
     def ensure_rows(self, rows: int) -> None:
         """A fresh cache takes ``rows`` sequence ids at its first forward; later forwards must match."""
+        self._check_alive()
+        self.last_used = self._pool.touch()
         if not self.seq_ids and self.width == 0:
-            self.seq_ids = self._pool.take(rows)
+            self.seq_ids[:] = self._pool.take(rows, owner=self)
             self.real = torch.zeros(rows, 0, dtype=torch.bool)
             self.held = torch.zeros(rows, dtype=torch.long)
         elif rows != len(self.seq_ids):
@@ -110,6 +159,7 @@ class LlamaCppCache:
         """Keep columns ``[0, length)``: every row's tokens in later columns leave llama.cpp."""
         if length < 0:
             raise ValueError(f"crop length must be >= 0, got {length}")
+        self._check_alive()
         if length >= self.width:
             return
         for row, kept in enumerate(self.real[:, :length].sum(dim=1).tolist()):
@@ -122,10 +172,11 @@ class LlamaCppCache:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only rows ``rows`` (in that order); the others' sequences are freed."""
+        self._check_alive()
         keep = rows.tolist()
         gone = [seq for index, seq in enumerate(self.seq_ids) if index not in set(keep)]
+        self.seq_ids[:] = [self.seq_ids[index] for index in keep]
         self._free(gone)
-        self.seq_ids = [self.seq_ids[index] for index in keep]
         self.real = self.real[rows.cpu()]
         self.held = self.held[rows.cpu()]
 
@@ -141,36 +192,45 @@ class LlamaCppCache:
         """Take over ``other``'s rows (and their sequences), right-aligned with this cache's columns."""
         if other._pool is not self._pool:
             raise ValueError("cannot join caches of two different llama.cpp contexts")
+        self._check_alive()
+        other._check_alive()
         width = max(self.width, other.width)
         self.real = torch.cat([_pad_left(self.real, width), _pad_left(other.real, width)])
         self.held = torch.cat([self.held, other.held])
         self.seq_ids += other.seq_ids
-        other.seq_ids, other.real, other.held = [], other.real[:0], other.held[:0]
+        other.seq_ids[:] = []
+        other.real, other.held = other.real[:0], other.held[:0]
+        self.last_used = self._pool.touch()
 
     # -- lifetime -----------------------------------------------------------------------------------
 
     def release(self) -> None:
-        """Free every row's sequence (also done when the cache is garbage-collected)."""
-        self._free(self.seq_ids)
-        self.seq_ids = []
+        """Free every row's sequence now (also done on leaving ``with``, and at garbage collection)."""
+        self._free(list(self.seq_ids))
+        self.seq_ids[:] = []
         self.real = self.real[:0]
         self.held = self.held[:0]
+
+    def evict(self, reason: str) -> None:
+        """Free this cache's sequences for another batch; any later use raises with ``reason``."""
+        self.release()
+        self.evicted = reason
+
+    def _check_alive(self) -> None:
+        if self.evicted is not None:
+            raise RuntimeError(f"this llama.cpp cache cannot be used any more: {self.evicted}")
 
     def _free(self, seq_ids: list[int]) -> None:
         for seq in seq_ids:
             self._remove(seq, 0)
         if seq_ids:
-            self._pool.give_back(list(seq_ids))
+            self._pool.give_back(list(seq_ids), owner=self)
 
-    def __del__(self) -> None:
-        # No tensor work here: at interpreter exit torch may be half torn down.
-        if sys.is_finalizing():
-            return
-        try:
-            self._free(self.seq_ids)
-            self.seq_ids = []
-        except Exception:  # the model may be gone already
-            pass
+    def __enter__(self) -> LlamaCppCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _pad_left(real: torch.Tensor, width: int) -> torch.Tensor:
