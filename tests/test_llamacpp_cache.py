@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from composed import compose_config
 
-from rtdlm_experiments.config.schema import ConfigError, config_dir
-from rtdlm_experiments.job import app
+from rtdlm_experiments.config.errors import ConfigError
+from rtdlm_experiments.config.validation import prepare_job, resolved_config
 from rtdlm_experiments.models import engines
 from rtdlm_experiments.models.llamacpp_cache import LlamaCppCache, SequencePool
 from rtdlm_experiments.models.registry import resolve_model_engine
@@ -120,8 +120,7 @@ def test_kv_rows_hooks_edit_rows_without_touching_kv_data():
 
 
 def compose_job(*overrides: str):
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=["prompts=default", "tracking=none", *overrides])
+    return compose_config("prompts=default", "tracking=none", *overrides)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +134,7 @@ def compose_job(*overrides: str):
 def test_bad_engine_choices_fail_in_one_line_before_loading(overrides, message, monkeypatch):
     monkeypatch.setattr(engines, "llamacpp_installed", lambda: True)
     with pytest.raises(ConfigError, match=message) as caught:
-        app.prepare_job(compose_job(*overrides))
+        prepare_job(compose_job(*overrides))
     assert "\n" not in str(caught.value)
 
 
@@ -143,20 +142,20 @@ def test_self_speculative_is_refused_on_llamacpp_and_runs_on_torch_under_auto(mo
     monkeypatch.setattr(engines, "llamacpp_installed", lambda: True)
     decoder = ["model=qwen2.5-coder-0.5b", "decoder=self_speculative"]
     with pytest.raises(ConfigError, match="self_speculative"):
-        app.prepare_job(compose_job(*decoder, "model.engine=llamacpp"))
-    assert app.prepare_job(compose_job(*decoder, "model.engine=auto")).model["engine"] == "torch"
-    assert app.prepare_job(compose_job("model=qwen2.5-coder-0.5b")).model["engine"] == "llamacpp"
+        prepare_job(compose_job(*decoder, "model.engine=llamacpp"))
+    assert prepare_job(compose_job(*decoder, "model.engine=auto")).model["engine"] == "torch"
+    assert prepare_job(compose_job("model=qwen2.5-coder-0.5b")).model["engine"] == "llamacpp"
 
 
 def test_llamacpp_without_the_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(engines, "llamacpp_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"rtdlm-experiments\[llamacpp\]"):
-        app.prepare_job(compose_job("model=qwen2.5-coder-0.5b", "model.engine=llamacpp"))
+        prepare_job(compose_job("model=qwen2.5-coder-0.5b", "model.engine=llamacpp"))
     assert resolve_model_engine({"name": "qwen2.5-coder-0.5b", "engine": "auto"}) == "torch"
 
 
 def test_the_resolved_engine_is_a_param_of_the_run(monkeypatch):
     monkeypatch.setattr(engines, "llamacpp_installed", lambda: False)
     cfg = compose_job("model=tiny-random")
-    spec = app.prepare_job(cfg)
-    assert app.resolved_config(cfg, spec)["model"]["engine"] == "torch"
+    spec = prepare_job(cfg)
+    assert resolved_config(cfg, spec)["model"]["engine"] == "torch"

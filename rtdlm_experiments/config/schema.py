@@ -14,13 +14,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from rtdlm_experiments.config.errors import ConfigError as ConfigError  # see below
 from rtdlm_experiments.config.paths import config_dir, output_root
 from sampling.config import sampling_params
 
-# ``ConfigError`` lives in `rtdlm_experiments.config.errors`; it stays importable from here only for
-# tests/test_llamacpp_cache.py (another branch's file), which imports ``ConfigError, config_dir`` from here:
-# drop both once it imports them from where they live.
 
 def _sampling_schema() -> type:
     """`SamplingSchema`: a preset of `sampling.PRESETS` plus one optional override per `SamplingConfig`

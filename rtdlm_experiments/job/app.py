@@ -18,11 +18,6 @@ from hydra.utils import instantiate
 
 from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.config.validation import DRAFT_MODEL_KEY, JobSpec, check_model_fit
-
-# Only tests/test_llamacpp_cache.py (another branch's file) still calls these through this module; they live
-# in `rtdlm_experiments.config.validation`: drop the two lines once it imports them from there.
-from rtdlm_experiments.config.validation import prepare_job as prepare_job
-from rtdlm_experiments.config.validation import resolved_config as resolved_config
 from rtdlm_experiments.job.companions import load_companion
 from rtdlm_experiments.job.evaluation import JobGenerations, evaluate_job
 from rtdlm_experiments.job.judge import generation_nll
