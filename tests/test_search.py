@@ -154,7 +154,7 @@ def test_several_objectives_give_a_pareto_front(tmp_path: Path):
     study, files, text = run_search(
         settings(tmp_path, 10), search, [], tmp_path / "sweep", "test", tmp_path, FakeLauncher(tmp_path)
     )
-    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    assert isinstance(study.sampler.inner, optuna.samplers.NSGAIISampler)
     front = {trial["trial"] for trial in json.loads(files["json"].read_text())["chosen"]}
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
 
