@@ -379,6 +379,7 @@ def test_a_running_trial_is_re_asked_only_when_its_search_is_gone(tmp_path: Path
 
     from rtdlm_experiments.search import study as studies
     from rtdlm_experiments.search import workers
+    from rtdlm_experiments.search.driver import open_slots
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -402,6 +403,12 @@ def test_a_running_trial_is_re_asked_only_when_its_search_is_gone(tmp_path: Path
         running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
         assert running == {numbers["alive"], numbers["other host"]}
         assert [t.number for t in workers.running_elsewhere(study, me)] == sorted(running)
+        # the two live trials take the 2 slots: wait for the one on this host, not for the other host's
+        assert open_slots(study, 2, me) == 0
+        alive.kill()
+        alive.wait(timeout=60)
+        assert open_slots(study, 2, me) == 1  # its trial re-asked: one slot free again
+        assert open_slots(study, 1, me) is None
     finally:
         alive.kill()
         alive.wait(timeout=60)

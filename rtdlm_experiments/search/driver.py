@@ -108,13 +108,18 @@ def run_search(
 
 
 def open_slots(study: Any, n_trials: int, me: dict[str, object]) -> int | None:
-    """How many more trials this search may ask; 0 while other live searches run the last ones, None
-    when the study is done (a trial whose search died is re-queued first)."""
+    """How many more trials this search may ask; 0 while other live searches on this host run the last
+    ones, None when the study is done (a trial whose search died is re-queued first)."""
     studies.requeue_interrupted(study, me)
     taken = len(workers.taking_slots(study.get_trials(deepcopy=False)))
     if taken < n_trials:
         return n_trials - taken
-    return 0 if workers.running_elsewhere(study, me) else None
+    elsewhere = workers.running_elsewhere(study, me)
+    here = [t for t in elsewhere if t.user_attrs.get(workers.WORKER_ATTR, {}).get("host") == me["host"]]
+    if len(here) < len(elsewhere):  # liveness on another host cannot be seen: do not wait on it forever
+        log.warning("trial(s) %s still run on other hosts; this outcome has the finished ones",
+                    [t.number for t in elsewhere if t not in here])  # fmt: skip
+    return 0 if here else None
 
 
 def run_batch(
