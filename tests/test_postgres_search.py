@@ -87,7 +87,8 @@ def test_two_searches_share_one_study_on_postgres_and_split_its_trials(
     for trial in run:
         record = json.loads((Path(trial.user_attrs["job_dir"]) / "results.json").read_text())
         assert record["config"]["sampling"]["temperature"] == pytest.approx(
-            trial.params["sampling.temperature"], abs=1e-6  # overrides carry 6 decimals
+            trial.params["sampling.temperature"],
+            abs=1e-6,  # overrides carry 6 decimals
         )
 
     # MLflow on PostgreSQL: one parent per search, one FINISHED child per trial it ran, none twice
