@@ -155,7 +155,7 @@ def test_several_objectives_give_a_pareto_front(tmp_path: Path):
     study, files, text = run_search(
         settings(tmp_path, 10), search, [], tmp_path / "sweep", "test", tmp_path, FakeLauncher(tmp_path)
     )
-    assert isinstance(study.sampler, optuna.samplers.NSGAIISampler)
+    assert isinstance(study.sampler.inner, optuna.samplers.NSGAIISampler)
     front = {trial["trial"] for trial in json.loads(files["json"].read_text())["chosen"]}
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
 
@@ -372,3 +372,82 @@ def test_a_raced_job_generates_what_an_unraced_one_does_and_stops_when_it_loses(
     assert unbeatable.pruned and unbeatable.looks == 1
     assert lost.output.token_ids == plain.output.token_ids[:4] and len(lost.rows) == 4
     assert lost.metrics["race_generations_used"] == 4 and lost.metrics["race_generations_saved"] == 8
+
+
+# --- several searches on one study: whose RUNNING trial is interrupted, the last slot ----------------
+
+
+def test_a_running_trial_is_re_asked_only_when_its_search_is_gone(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from rtdlm_experiments.search import study as studies
+    from rtdlm_experiments.search import workers
+    from rtdlm_experiments.search.driver import open_slots
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    try:
+        me = workers.new_worker()
+        owners = {
+            "alive": {**me, "pid": alive.pid, "search": "a"},
+            "dead": {**me, "pid": dead.pid, "search": "b"},
+            "other host": {**me, "host": me["host"] + "-elsewhere", "search": "c"},
+            "ended search of this process": {**me, "search": "d"},
+        }
+        numbers = {}
+        for name, owner in owners.items():
+            trial = study.ask({"x": FloatDistribution(0, 1)})
+            trial.set_user_attr(workers.WORKER_ATTR, owner)
+            numbers[name] = trial.number
+        requeued = studies.requeue_interrupted(study, me)
+        assert requeued == [numbers["dead"], numbers["ended search of this process"]]
+        running = {t.number for t in study.get_trials(states=(TrialState.RUNNING,))}
+        assert running == {numbers["alive"], numbers["other host"]}
+        assert [t.number for t in workers.running_elsewhere(study, me)] == sorted(running)
+        # the two live trials take the 2 slots: wait for the one on this host, not for the other host's
+        assert open_slots(study, 2, me) == 0
+        alive.kill()
+        alive.wait(timeout=60)
+        assert open_slots(study, 2, me) == 1  # its trial re-asked: one slot free again
+        assert open_slots(study, 1, me) is None
+    finally:
+        alive.kill()
+        alive.wait(timeout=60)
+
+
+def test_searches_racing_for_the_last_slot_run_exactly_n_trials(tmp_path: Path):
+    from rtdlm_experiments.search import workers
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="s")
+    first, second = workers.new_worker(), workers.new_worker()
+    done = study.ask({"x": FloatDistribution(0, 1)})
+    study.tell(done, 1.0)
+    # both saw one open slot of 2 and asked at once: the lower trial number wins it
+    mine, theirs = (study.ask({"x": FloatDistribution(0, 1)}) for _ in range(2))
+    assert workers.claim(study, [theirs], 2, second) == []
+    assert workers.claim(study, [mine], 2, first) == [mine]
+    surplus = study.trials[theirs.number]
+    assert surplus.state == TrialState.FAIL and surplus.user_attrs[workers.SURPLUS_ATTR]
+    from rtdlm_experiments.search.study import counted_trials
+
+    study.tell(mine, 0.5)
+    assert counted_trials(study) == 2
+
+
+def test_seeded_searches_on_one_study_draw_each_trial_from_its_number(tmp_path: Path):
+    from rtdlm_experiments.search.study import make_sampler
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    studies_ = [
+        optuna.create_study(
+            storage=storage, study_name="s", sampler=make_sampler("tpe", 0, 1), load_if_exists=True
+        )
+        for _ in range(2)
+    ]
+    draws = [s.ask({"x": FloatDistribution(0, 1)}).params["x"] for s in (*studies_, *studies_)]
+    assert len(set(draws)) == 4  # the same seed, but never the same draw for two trials
+    alone = optuna.create_study(sampler=make_sampler("tpe", 0, 1))
+    assert [alone.ask({"x": FloatDistribution(0, 1)}).params["x"] for _ in range(4)] == draws  # reproducible

@@ -5,6 +5,7 @@ runs the same under Hydra's launchers and in tests."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any
 from optuna.trial import TrialState
 
 from rtdlm_experiments.config.errors import ConfigError
-from rtdlm_experiments.search import outcome
+from rtdlm_experiments.search import outcome, workers
 from rtdlm_experiments.search import study as studies
 from rtdlm_experiments.search.objectives import Objective, parse_constraints, parse_objectives
 from rtdlm_experiments.search.space import search_space, trial_overrides
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 MAX_FAILURES_IN_A_ROW = 3
 """A search stops when this many trials in a row fail (a broken setup, not an unlucky config)."""
+POLL_SECONDS = 2.0
+"""How often a search whose share is done looks whether the other searches on its study finished."""
+wait = time.sleep  # replaced in tests
 
 
 @dataclass(frozen=True)
@@ -84,42 +88,70 @@ def run_search(
     storage = settings.storage or studies.default_storage(storage_root)
     sampler = studies.make_sampler(settings.sampler, settings.seed, len(objectives))
     study = studies.open_study(storage, name, objectives, sampler)
-    if study.trials and settings.seed is not None:  # a resumed study: a fresh seeded sampler would replay
-        # the first run's draws and ask trial 0's config again
-        study.sampler = studies.make_sampler(
-            settings.sampler, settings.seed + len(study.trials), len(objectives)
-        )
-    requeued = studies.requeue_interrupted(study)
+    me = workers.new_worker()
+    requeued = studies.requeue_interrupted(study, me)
     done = studies.counted_trials(study)
     again = f"; re-asking interrupted trial(s) {requeued}" if requeued else ""
     log.info("search %s at %s: %d of %d trials done%s", name, storage, done, settings.n_trials, again)
-    racing = bool(search.racing) and len(objectives) == 1
     failures = 0
-    while (remaining := settings.n_trials - studies.counted_trials(study)) > 0:
-        trials = [study.ask(space.distributions) for _ in range(min(settings.n_jobs, remaining))]
-        if racing:
-            best = studies.incumbent(study, objectives[0])
-            scores = {
-                int(k): v for k, v in (best.user_attrs.get("prompt_scores", {}) if best else {}).items()
-            }
-            write_incumbent(sweep_dir, best.number if best else None, scores)
-        jobs = launch([[*space.fixed, *trial_overrides(t.params)] for t in trials], trials[0].number)
-        for trial, job in zip(trials, jobs, strict=True):
-            if job.metrics is None:
-                study.tell(trial, state=TrialState.FAIL)
-                failures += 1
-                log.warning("trial %d failed: %s", trial.number, job.error)
-                if failures >= MAX_FAILURES_IN_A_ROW:
-                    raise RuntimeError(
-                        f"{failures} trials in a row failed; the last: {job.error}"
-                    ) from job.error
-                continue
-            failures = 0
-            try:
-                state = studies.tell_job(study, trial, job.metrics, job.job_dir, objectives, constraints)
-            except ConfigError:
-                study.tell(trial, state=TrialState.FAIL)
-                raise
-            log.info("trial %d %s", trial.number, state.name)
+    while (remaining := open_slots(study, settings.n_trials, me)) is not None:
+        if remaining == 0:  # the rest are being run by other searches sharing the study
+            wait(POLL_SECONDS)
+            continue
+        asked = [study.ask(space.distributions) for _ in range(min(settings.n_jobs, remaining))]
+        trials = workers.claim(study, asked, settings.n_trials, me)
+        if trials:
+            failures = run_batch(study, trials, search, space, objectives, constraints, sweep_dir, launch,
+                                 failures)  # fmt: skip
     files, text = outcome.write_outcome(study, objectives, sweep_dir / SEARCH_DIR)
     return study, files, text
+
+
+def open_slots(study: Any, n_trials: int, me: dict[str, object]) -> int | None:
+    """How many more trials this search may ask; 0 while other live searches on this host run the last
+    ones, None when the study is done (a trial whose search died is re-queued first)."""
+    studies.requeue_interrupted(study, me)
+    taken = len(workers.taking_slots(study.get_trials(deepcopy=False)))
+    if taken < n_trials:
+        return n_trials - taken
+    elsewhere = workers.running_elsewhere(study, me)
+    here = [t for t in elsewhere if t.user_attrs.get(workers.WORKER_ATTR, {}).get("host") == me["host"]]
+    if len(here) < len(elsewhere):  # liveness on another host cannot be seen: do not wait on it forever
+        log.warning("trial(s) %s still run on other hosts; this outcome has the finished ones",
+                    [t.number for t in elsewhere if t not in here])  # fmt: skip
+    return 0 if here else None
+
+
+def run_batch(
+    study: Any,
+    trials: list[Any],
+    search: Any,
+    space: Any,
+    objectives: Sequence[Objective],
+    constraints: Sequence[Any],
+    sweep_dir: Path,
+    launch: Launch,
+    failures: int,
+) -> int:
+    """Launch one batch of trials and tell the study each result; returns the failures in a row."""
+    if bool(search.racing) and len(objectives) == 1:
+        best = studies.incumbent(study, objectives[0])
+        scores = {int(k): v for k, v in (best.user_attrs.get("prompt_scores", {}) if best else {}).items()}
+        write_incumbent(sweep_dir, best.number if best else None, scores)
+    jobs = launch([[*space.fixed, *trial_overrides(t.params)] for t in trials], trials[0].number)
+    for trial, job in zip(trials, jobs, strict=True):
+        if job.metrics is None:
+            study.tell(trial, state=TrialState.FAIL)
+            failures += 1
+            log.warning("trial %d failed: %s", trial.number, job.error)
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise RuntimeError(f"{failures} trials in a row failed; the last: {job.error}") from job.error
+            continue
+        failures = 0
+        try:
+            state = studies.tell_job(study, trial, job.metrics, job.job_dir, objectives, constraints)
+        except ConfigError:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        log.info("trial %d %s", trial.number, state.name)
+    return failures

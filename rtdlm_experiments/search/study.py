@@ -1,9 +1,10 @@
 """The Optuna study of a search: where it is stored, how a killed search resumes, and how one trial's
 job is told to it.
 
-Resume: a trial left RUNNING by a killed search is marked FAIL (user attr ``interrupted``) and its
-parameters are enqueued, so the next `ask` re-asks exactly that config; COMPLETE, PRUNED and genuinely
-FAILED trials count towards ``n_trials`` and are never rerun.
+Resume: a trial left RUNNING by a killed search (its worker gone, `search/workers.py`) is marked FAIL
+(user attr ``interrupted``) and its parameters are enqueued, so the next `ask` re-asks exactly that
+config; COMPLETE, PRUNED and genuinely FAILED trials count towards ``n_trials`` and are never rerun. A
+RUNNING trial of a search still alive is left to it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from rtdlm_experiments.config.errors import ConfigError
 from rtdlm_experiments.search.objectives import Constraint, Objective
 from rtdlm_experiments.search.racing import PROMPT_SCORES_FILE
+from rtdlm_experiments.search.workers import INTERRUPTED_ATTR, excluded, owner_gone
 
-INTERRUPTED_ATTR = "interrupted"
 SAMPLERS = ("auto", "tpe", "nsga2", "random")
 
 
@@ -43,6 +44,39 @@ def default_study_name(sweep: str, fingerprint: Sequence[str]) -> str:
     return f"{sweep}-{digest}"
 
 
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A built-in sampler seeded afresh for each trial with ``seed + trial number``: reproducible for
+    one search, and two searches sharing a study (each with the same seed) never draw the same startup
+    configs, since trial numbers are unique. TPE, NSGA-II and random sampling keep no state of their own
+    between trials (they read the study), so a fresh one per trial samples as one would."""
+
+    def __init__(self, make: Any, seed: int) -> None:
+        self._make, self._seed = make, seed
+        self.inner: optuna.samplers.BaseSampler = make(seed)
+
+    def __str__(self) -> str:
+        return str(self.inner)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.inner = self._make(self._seed + trial.number)
+        self.inner.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self.inner.reseed_rng()
+
+
 def make_sampler(name: Any, seed: int | None, objectives: int) -> optuna.samplers.BaseSampler:
     """``auto``: TPE for one objective, NSGA-II for several; or a config with ``_target_``. Constraints
     reach TPE and NSGA-II through each trial's ``set_constraint`` values (Optuna 5's way). TPE starts
@@ -53,13 +87,35 @@ def make_sampler(name: Any, seed: int | None, objectives: int) -> optuna.sampler
         return instantiate(name)
     if name == "auto":
         name = "tpe" if objectives == 1 else "nsga2"
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ConfigError(f"hydra.sweeper.sampler={name!r} is invalid: one of {', '.join(SAMPLERS)}")
+    makers = {
+        "tpe": lambda seed: optuna.samplers.TPESampler(seed=seed, n_startup_trials=4),
+        "nsga2": lambda seed: optuna.samplers.NSGAIISampler(seed=seed),
+        "random": lambda seed: optuna.samplers.RandomSampler(seed=seed),
+    }
+    if name not in makers:
+        raise ConfigError(f"hydra.sweeper.sampler={name!r} is invalid: one of {', '.join(SAMPLERS)}")
+    return makers[name](None) if seed is None else TrialSeededSampler(makers[name], seed)
+
+
+SCHEMA_RETRIES = 5
+
+
+def connect_storage(url: str, pause: float = 0.5) -> optuna.storages.BaseStorage:
+    """The study store at ``url``. Two searches starting at once on a fresh PostgreSQL database both
+    create Optuna's tables; the loser of that race gets a duplicate-type/table error, so it retries
+    (by then the tables exist and it just connects)."""
+    import time
+
+    import sqlalchemy.exc
+
+    for attempt in range(1, SCHEMA_RETRIES + 1):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if attempt == SCHEMA_RETRIES:
+                raise
+            time.sleep(pause * attempt)
+    raise AssertionError("unreachable")
 
 
 def open_study(
@@ -69,7 +125,7 @@ def open_study(
     directions = [objective.direction for objective in objectives]
     try:
         study = optuna.create_study(
-            storage=storage,
+            storage=connect_storage(storage),
             study_name=study_name,
             directions=directions,
             sampler=sampler,
@@ -85,10 +141,12 @@ def open_study(
     return study
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Mark trials a killed search left RUNNING as failed and enqueue their params again; returns
-    their numbers."""
-    interrupted = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+def requeue_interrupted(study: optuna.Study, me: dict[str, object]) -> list[int]:
+    """Mark trials a killed search left RUNNING (their worker gone) as failed and enqueue their params
+    again; returns their numbers. A trial another live search is running is left alone (``me``: the
+    search asking)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    interrupted = [trial for trial in running if owner_gone(trial, me)]
     for trial in interrupted:
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, True)
         study.tell(trial.number, state=TrialState.FAIL)
@@ -97,11 +155,12 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
 
 
 def counted_trials(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: every finished one but those a kill interrupted."""
+    """Trials that count towards ``n_trials``: every finished one but those a kill interrupted and those
+    asked beyond the target by searches racing for the last slot."""
     finished = study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
     )
-    return sum(1 for trial in finished if not trial.user_attrs.get(INTERRUPTED_ATTR))
+    return sum(1 for trial in finished if not excluded(trial))
 
 
 def prompt_scores(job_dir: Path) -> dict[int, float]:
