@@ -184,6 +184,24 @@ def test_the_records_tags_and_artifacts_reach_the_run(tmp_path: Path):
     assert [row[table["columns"].index("task")] for row in table["data"]] == ["a", "b"]
 
 
+def test_a_run_opened_before_the_store_failed_is_kept_and_filled_not_duplicated(tmp_path: Path, monkeypatch):
+    """The store goes away between creating the job's run and logging its params: the run is still the
+    job's, so the upload fills it instead of leaving it RUNNING beside a second run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    record = saved_job(tmp_path / "job")
+    pending = {key: record[key] for key in ("config", "config_hash", "job", "environment")}
+    real_log_batch = MlflowClient.log_batch
+    with monkeypatch.context() as patched:
+        patched.setattr(MlflowClient, "log_batch", lambda *a, **k: (_ for _ in ()).throw(OSError("db down")))
+        started = tracking.start_job_run(uri, "dash", pending, None)
+    assert started is not None and MlflowClient.log_batch is real_log_batch
+    tracked = tracking.upload_job(tmp_path / "job", uri, "dash", None, started)
+    client = MlflowClient(uri)
+    runs = client.search_runs([tracked.experiment_id])
+    assert [(run.info.run_id, run.info.status) for run in runs] == [(started.run_id, "FINISHED")]
+    assert runs[0].data.params["sampling.temperature"] == "0.7"
+
+
 def test_an_unreachable_store_at_job_start_returns_none_and_raises_nothing(tmp_path: Path):
     record = saved_job(tmp_path / "job")
     assert tracking.start_job_run("http://127.0.0.1:9", "dash", record, None) is None

@@ -76,11 +76,15 @@ def start_job_run(
         parent = (sweep or {}).get("mlflow") or {}
         experiment_id = parent.get("experiment_id") or ensure_experiment(client, experiment_name)
         run_id = _create_run(client, experiment_id, record, parent.get("parent_run_id"))
-        client.log_batch(run_id, params=_params(record))
     except Exception as err:
         log.info("could not open the MLflow run at %s yet (%s)", uri, first_line(err))
         return None
-    return TrackedRun(uri, experiment_id, run_id, parent.get("parent_run_id"))
+    started = TrackedRun(uri, experiment_id, run_id, parent.get("parent_run_id"))
+    try:
+        client.log_batch(run_id, params=_params(record))
+    except Exception as err:  # the run exists: keep it, so the upload (or sync) fills it, not a second run
+        log.info("could not log the params of run %s yet (%s)", run_id, first_line(err))
+    return started
 
 
 def _create_run(
