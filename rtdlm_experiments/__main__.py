@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.rtdlm_search import register_plugins
 from rtdlm_experiments import terminal, tracking
 from rtdlm_experiments.config import override_types
 from rtdlm_experiments.config.errors import ConfigError
@@ -174,6 +175,7 @@ def cli() -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    register_plugins()
     main()
 
 

@@ -114,9 +114,11 @@ def compose_sweep(sweep: str, overrides: Sequence[str]) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra_plugins.rtdlm_search import register_plugins
     from rtdlm_experiments.config.schema import register_configs
 
     register_configs()  # the typed schemas the config's defaults name (``decoder/autoregressive_schema``...)
+    register_plugins()  # ``sweep=search_*`` names hydra/sweeper=optuna
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     fixed = [override.input_line for override in parsed if not override.is_sweep_override()]
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="schedule"):

@@ -5,7 +5,10 @@ back with sampling=NAME, and a real search killed and resumed from the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -451,3 +454,20 @@ def test_seeded_searches_on_one_study_draw_each_trial_from_its_number(tmp_path: 
     assert len(set(draws)) == 4  # the same seed, but never the same draw for two trials
     alone = optuna.create_study(sampler=make_sampler("tpe", 0, 1))
     assert [alone.ask({"x": FloatDistribution(0, 1)}).params["x"] for _ in range(4)] == draws  # reproducible
+
+
+def test_search_presets_compose_outside_the_checkout(tmp_path: Path):
+    """Installed with ``pip install -e .`` and run from elsewhere, Hydra's plugin scan cannot list our
+    ``hydra_plugins`` folder (an editable path hook): the app and the scheduler register it themselves."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    code = (
+        "from rtdlm_experiments.schedule import compose_sweep\n"
+        "print(compose_sweep('search_humaneval', []).hydra.sweeper._target_)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    if "No module named 'rtdlm_experiments'" in done.stderr:
+        pytest.skip("rtdlm-experiments is not installed (only importable from the checkout)")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "OptunaSweeper" in done.stdout
