@@ -39,7 +39,7 @@ from rtdlm_experiments.job.prompt_sets import load_prompts
 from rtdlm_experiments.models import load_model
 from rtdlm_experiments.models.engines import LlamaCppSettings
 from sampling import SamplingConfig, get_preset
-from sampling.decoding import AutoregressiveDecoder
+from sampling.decoding import AutoregressiveDecoder, GenerateOptions
 
 DEFAULT_BATCH = 16
 
@@ -66,7 +66,7 @@ def spread(values: Sequence[float], digits: int = 1) -> str:
 
 def ours(model, prompts: list[list[int]], config: SamplingConfig, new_tokens: int, runs: Runs) -> None:
     out = AutoregressiveDecoder().generate(
-        model, prompts, config, new_tokens, row_seeds=range(len(prompts)), ignore_eos=True
+        model, prompts, config, new_tokens, GenerateOptions(row_seeds=range(len(prompts)), ignore_eos=True)
     )
     runs.decode.append(out.num_new_tokens / out.decode_seconds)
     runs.prefill.append(sum(map(len, prompts)) / out.prefill_seconds)
@@ -162,7 +162,9 @@ def greedy_agreement(torch_model, llama_model, tokens: int) -> list[list[str]]:
     config, decoder = get_preset("deterministic"), AutoregressiveDecoder()
     rows = []
     outs = [
-        decoder.generate(m, prompts, config, tokens, ignore_eos=True, max_batch_size=8).token_ids
+        decoder.generate(
+            m, prompts, config, tokens, GenerateOptions(ignore_eos=True, max_batch_size=8)
+        ).token_ids
         for m in (torch_model, llama_model)
     ]
     for text, a, b in zip(texts, *outs, strict=True):
