@@ -6,6 +6,12 @@
         [--exit-layers 8 14 20] [--self-gamma 4] [--lookup-gammas 2 4] [--max-ngram 3]
         [--policies constant measured] [--min-confidences 0.4] [--num-prompts 2] [--max-new-tokens 48]
         [--repeats 3] [--no-hf] [--threads N] [--device cpu|cuda] [--target NAME] [--draft NAME]
+        [--engine torch|llamacpp]
+
+``--prompts humaneval`` takes the first --num-prompts of HumanEval's seeded shuffle as chat requests (the
+reply copies the signature and docstring: prompt lookup's case). ``--engine llamacpp`` runs our decoders
+on the GGUF weights through llama.cpp (`LlamaCppCausalLM`, --threads llama.cpp threads); it needs --no-hf
+and has no self-speculative decoder (no intermediate layers); --dtypes does not apply (Q4_K_M).
 
 Target qwen2.5-coder-1.5b, draft qwen2.5-coder-0.5b, batch 1: ours run the prompts in one generate call
 one row at a time (``max_batch_size=1``, as a job does, so the measured policy's costs carry from one
@@ -80,7 +86,9 @@ from _common import (
     without_eos,
 )
 
+from rtdlm_experiments.job.prompt_sets import load_prompts
 from rtdlm_experiments.models import HFCausalLM, clear_model_cache, load_model
+from rtdlm_experiments.models.engines import LlamaCppSettings
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import (
     AutoregressiveDecoder,
@@ -95,6 +103,7 @@ from sampling.decoding import (
 TARGET, DRAFT = "qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"
 DECODERS = ("speculative", "self_speculative", "prompt_lookup")
 PRESET_LABELS = {"deterministic": "T=0", "balanced": "balanced"}
+PROMPT_KINDS = (*PROMPTS, "humaneval")
 NAN = float("nan")
 
 
@@ -105,14 +114,18 @@ class Cell:
     dtype: str
     preset: str
     kind: str
-    target: HFCausalLM
-    draft: HFCausalLM
+    target: Any  # HFCausalLM, or LlamaCppCausalLM with --engine llamacpp
+    draft: Any
     prompts: list[list[int]]
     config: SamplingConfig
 
     @property
     def label(self) -> str:
-        return f"{DTYPE_SHORT[self.dtype]} · {PRESET_LABELS[self.preset]} · {self.kind}"
+        return f"{self.weights} · {PRESET_LABELS[self.preset]} · {self.kind}"
+
+    @property
+    def weights(self) -> str:
+        return "Q4_K_M" if getattr(self.target, "engine", "torch") == "llamacpp" else DTYPE_SHORT[self.dtype]
 
 
 @dataclass
@@ -134,11 +147,16 @@ class Variant:
 
 def ours(cell: Cell, decoder: Decoder) -> GenerationPath:
     """``decoder`` on the target: one generate call for the cell's prompts, one row at a time, as a job
-    with ``batch_size=1`` runs them (the measured policy's costs then carry from one prompt to the next)."""
+    with ``batch_size=1`` runs them (the measured policy's costs then carry from one prompt to the next).
+    EOS is ignored, as on HF's side, so every row generates exactly ``max_new_tokens``."""
 
     def run(max_new_tokens: int) -> Result:
         out = decoder.generate(
-            cell.target, cell.prompts, cell.config, max_new_tokens, GenerateOptions(max_batch_size=1)
+            cell.target,
+            cell.prompts,
+            cell.config,
+            max_new_tokens,
+            GenerateOptions(max_batch_size=1, ignore_eos=True),
         )
         return Result(out.token_ids, [out.stats], out.decode_seconds)
 
@@ -276,7 +294,7 @@ def row(cell: Cell, variant: Variant, timings: dict[str, Timing]) -> list[str]:
     hf_plain, theirs = timings.get("HF", Timing()), timings.get(f"HF {variant.name}", Timing())
     stats = pooled_rates(mine)
     return [
-        DTYPE_SHORT[cell.dtype],
+        cell.weights,
         PRESET_LABELS[cell.preset],
         cell.kind,
         variant.decoder,
@@ -396,7 +414,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPE_SHORT), default=["float32"])
     parser.add_argument("--presets", nargs="+", choices=list(PRESET_LABELS), default=["deterministic"])
-    parser.add_argument("--prompts", nargs="+", choices=list(PROMPTS), default=["code"])
+    parser.add_argument("--prompts", nargs="+", choices=PROMPT_KINDS, default=["code"])
     parser.add_argument("--decoders", nargs="+", choices=DECODERS, default=list(DECODERS))
     parser.add_argument("--gammas", type=int, nargs="+", default=[2, 4, 6], help="speculative γ")
     parser.add_argument("--exit-layers", type=int, nargs="+", default=[8, 14, 20], help="self-speculative E")
@@ -410,7 +428,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--self-gamma", type=int, default=4, help="self-speculative γ")
     parser.add_argument("--lookup-gammas", type=int, nargs="+", default=[2, 4], help="prompt-lookup γ")
     parser.add_argument("--max-ngram", type=int, default=3, help="prompt-lookup n-gram")
-    parser.add_argument("--num-prompts", type=int, default=2, help="prompts per kind (at most 4)")
+    parser.add_argument(
+        "--num-prompts", type=int, default=2, help="prompts per kind (at most 4; humaneval: 164)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument(
         "--policies", nargs="+", choices=["constant", "measured"], default=["constant", "measured"]
@@ -420,13 +440,40 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", default=TARGET, help="target model (a config name of the model group)")
     parser.add_argument("--draft", default=DRAFT, help="draft model, same tokenizer as the target")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF paths (halves the time)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch / llama.cpp threads")
+    parser.add_argument("--engine", choices=["torch", "llamacpp"], default="torch")
     args = parser.parse_args()
     if args.repeats < 3:
         parser.error("--repeats must be >= 3 (a median and a spread)")
-    if not 1 <= args.num_prompts <= min(len(p) for p in PROMPTS.values()):
-        parser.error(f"--num-prompts must be in [1, {min(len(p) for p in PROMPTS.values())}]")
+    most = 164 if args.prompts == ["humaneval"] else min(len(p) for p in PROMPTS.values())
+    if not 1 <= args.num_prompts <= most:
+        parser.error(f"--num-prompts must be in [1, {most}] for --prompts {' '.join(args.prompts)}")
+    if args.engine == "llamacpp" and not args.no_hf:
+        parser.error("--engine llamacpp needs --no-hf (HF generate runs only on the torch engine)")
+    if args.engine == "llamacpp" and "self_speculative" in args.decoders:
+        parser.error("--engine llamacpp has no self_speculative decoder (it needs intermediate layers)")
     return args
+
+
+def load(name: str, dtype: str, args: argparse.Namespace) -> Any:
+    """A model on the chosen engine; on torch without EOS, so HF's paths generate every token too."""
+    if args.engine == "llamacpp":
+        return load_model(name, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=args.threads or 2))
+    return without_eos(load_model(name, dtype=dtype, device=args.device))
+
+
+def prompt_texts(kind: str, count: int) -> list[str]:
+    """The first ``count`` user messages of a prompt kind (HumanEval: its chat requests, seeded order)."""
+    if kind == "humaneval":
+        task = {"_target_": "rtdlm_experiments.tasks.code_tasks.HumanEvalTask", "name": "humaneval"}
+        return [p.text for p in load_prompts({**task, "limit": count, "chat_template": True})]
+    return PROMPTS[kind][:count]
+
+
+def engine_label(args: argparse.Namespace) -> str:
+    if args.engine == "llamacpp":
+        return f"llama.cpp engine, {args.threads or 2} threads"
+    return f"torch engine on {args.device}"
 
 
 def main() -> None:
@@ -438,18 +485,17 @@ def main() -> None:
     started = time.perf_counter()
     print_header(
         f"Speculative decoding: ours vs AR vs HF assisted (target {args.target}, draft {args.draft})",
-        f"{args.device}, batch 1, {args.num_prompts} prompts per kind × {args.max_new_tokens} new tokens "
-        f"(EOS ignored), median (min–max) of {args.repeats} alternating calls after a warm-up; tok/s include "
-        "prefill.",
+        f"{engine_label(args)}, batch 1, {args.num_prompts} prompts per kind × {args.max_new_tokens} new "
+        f"tokens (EOS ignored), median (min–max) of {args.repeats} alternating calls after a warm-up; "
+        "tok/s include prefill.",
     )
     rows, goal_lines, errors = [], [], []
     for dtype in args.dtypes:
-        target = without_eos(load_model(args.target, dtype=dtype, device=args.device))
-        draft = load_model(args.draft, dtype=dtype, device=args.device)
+        target, draft = (load(name, dtype, args) for name in (args.target, args.draft))
         for preset in args.presets:
             config = get_preset(preset, seed=0)
             for kind in args.prompts:
-                prompts = encode(target, PROMPTS[kind][: args.num_prompts])
+                prompts = encode(target, prompt_texts(kind, args.num_prompts))
                 cell = Cell(dtype, preset, kind, target, draft, prompts, config)
                 cell_rows, cell_goals, cell_errors = measure(cell, args)
                 rows += cell_rows
