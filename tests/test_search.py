@@ -195,6 +195,46 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(tmp_pat
     assert third.launched == []
 
 
+class RacedLauncher(FakeLauncher):
+    """Trials of 40 rows each; racing stops those far from the peak (|temperature - 0.7| > 0.15) after 10."""
+
+    def __call__(self, batch, first_number):
+        outcomes = super().__call__(batch, first_number)
+        for outcome, (_, params) in zip(outcomes, self.launched[-len(outcomes) :], strict=True):
+            pruned = abs(params["sampling.temperature"] - 0.7) > 0.15
+            outcome.metrics["race_pruned"] = float(pruned)
+            outcome.metrics["race_generations_used"] = 10.0 if pruned else 40.0
+        return outcomes
+
+
+@pytest.mark.parametrize("n_jobs", [1, 3])
+def test_a_generation_budget_buys_more_trials_when_racing_saves_and_is_never_exceeded(
+    tmp_path: Path, n_jobs: int
+):
+    search = search_config(["quality/accuracy:max"])
+    search.max_generations = 200  # five whole trials
+    launcher = RacedLauncher(tmp_path)
+    study, _, _ = run_search(
+        settings(tmp_path, 50, n_jobs=n_jobs), search, [], tmp_path / "sweep", "test", tmp_path, launcher
+    )
+    spent = sum(t.user_attrs["generations"] for t in study.trials)
+    pruned = sum(t.state == TrialState.PRUNED for t in study.trials)
+    assert spent <= 200 and spent + 40 > 200  # stopped only when no whole trial fitted
+    assert pruned >= 1 and len(study.trials) > 5  # racing's savings bought more trials than the grid's 5
+    search.max_generations = 0
+    with pytest.raises(ConfigError, match=r"search.max_generations=0 is invalid: must be an integer >= 1"):
+        run_search(settings(tmp_path, 5), search, [], tmp_path / "sweep", "test", tmp_path, launcher)
+
+
+def test_an_unraced_trial_counts_every_row_it_planned(tmp_path: Path):
+    from rtdlm_experiments.search.study import generations_of
+
+    (tmp_path / "results.json").write_text(json.dumps({"num_prompts": 40, "config": {"num_samples": 3}}))
+    assert generations_of({}, tmp_path) == 120
+    assert generations_of({"race_generations_used": 30.0}, tmp_path) == 30
+    assert generations_of({}, tmp_path / "missing") is None
+
+
 # --- the saved preset ---------------------------------------------------------------------------------
 
 

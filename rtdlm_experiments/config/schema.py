@@ -171,6 +171,10 @@ class SearchSchema:
     """Prompts per chunk: racing looks after every chunk but the last."""
     confidence: float = 0.95
     """Of the racing rule over all its looks (Bonferroni)."""
+    max_generations: int | None = None
+    """A generation budget (rows = prompts × samples, a raced trial counting what it generated): no new
+    trial starts unless a whole one still fits, so a search can be given a grid's budget; racing's
+    savings then buy more trials. ``hydra.sweeper.n_trials`` still caps the trials. None: no budget."""
 
 
 @dataclass

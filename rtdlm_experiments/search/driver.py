@@ -65,6 +65,9 @@ def check_settings(settings: SearchSettings, search: Any) -> tuple[list[Objectiv
         raise ConfigError(f"search.chunk_prompts={search.chunk_prompts} is invalid: must be >= 2")
     if not 0.5 <= search.confidence < 1:
         raise ConfigError(f"search.confidence={search.confidence} is invalid: must be in [0.5, 1)")
+    budget = search.get("max_generations")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"search.max_generations={budget} is invalid: must be an integer >= 1, or null")
     objectives = parse_objectives(list(search.objectives), settings.direction)
     return objectives, parse_constraints(list(search.constraints))
 
@@ -98,13 +101,29 @@ def run_search(
         if remaining == 0:  # the rest are being run by other searches sharing the study
             wait(POLL_SECONDS)
             continue
-        asked = [study.ask(space.distributions) for _ in range(min(settings.n_jobs, remaining))]
+        room = trials_in_budget(study, search.get("max_generations"), settings.n_jobs)
+        if room == 0:
+            break
+        asked = [study.ask(space.distributions) for _ in range(min(settings.n_jobs, remaining, room))]
         trials = workers.claim(study, asked, settings.n_trials, me)
         if trials:
             failures = run_batch(study, trials, search, space, objectives, constraints, sweep_dir, launch,
                                  failures)  # fmt: skip
     files, text = outcome.write_outcome(study, objectives, sweep_dir / SEARCH_DIR)
     return study, files, text
+
+
+def trials_in_budget(study: Any, budget: int | None, wanted: int) -> int:
+    """How many of ``wanted`` more trials ``search.max_generations`` leaves room for, each costing as
+    much as the largest finished trial (one run to its end); all of them while nothing has finished."""
+    spent, whole_trial = studies.generations_spent(study)
+    if budget is None or whole_trial == 0:
+        return wanted
+    room = min(wanted, int((budget - spent) // whole_trial))
+    if room <= 0:
+        log.info("generation budget: %d of %d rows spent, a whole trial needs %d: no new trial",
+                 spent, budget, whole_trial)  # fmt: skip
+    return max(room, 0)
 
 
 def open_slots(study: Any, n_trials: int, me: dict[str, object]) -> int | None:
