@@ -32,6 +32,35 @@ def _bindings() -> Any:
     return llama_cpp
 
 
+def extra_buffers_usable(system_info: str, cpu_flags: set[str]) -> bool:
+    """Whether llama.cpp may put weights in its extra buffers (repacked for this CPU's kernels, or AMX).
+
+    Not when the build has AMX int8 kernels but the CPU does not list ``amx_int8``: some VMs pass
+    ``amx_tile`` through yet fault on AMX arithmetic (SIGILL inside ``llama_decode``, seen on this
+    project's Xeon VM), and llama.cpp picks the AMX buffer whenever tiles can be enabled.
+
+    >>> extra_buffers_usable("AVX2 = 1 | AMX_INT8 = 1 |", {"avx2", "amx_tile"})
+    False
+    >>> extra_buffers_usable("AVX2 = 1 | AMX_INT8 = 1 |", {"amx_tile", "amx_int8"})
+    True
+    >>> extra_buffers_usable("AVX2 = 1 | REPACK = 1 |", {"avx2"})
+    True
+    """
+    return "AMX_INT8 = 1" not in system_info or "amx_int8" in cpu_flags
+
+
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: AMX then counts as absent)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
 class _Batch:
     """A reusable ``llama_batch`` whose arrays are numpy buffers we own (one sequence id per token), so a
     batch is filled with vectorized writes instead of one ctypes call per field and token."""
@@ -76,9 +105,9 @@ class LlamaCppCausalLM:
         lib = self._lib = _bindings()
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
-        # No repacked/AMX weight buffers: on this project's VM the CPU advertises AMX but using it dies
-        # with SIGILL inside llama_decode; the plain kernels also compute each row on its own.
-        model_params.use_extra_bufts = False
+        model_params.use_extra_bufts = extra_buffers_usable(
+            lib.llama_print_system_info().decode(errors="replace"), _cpu_flags()
+        )
         self._model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {gguf_path}")
