@@ -32,33 +32,19 @@ def _bindings() -> Any:
     return llama_cpp
 
 
-def extra_buffers_usable(system_info: str, cpu_flags: set[str]) -> bool:
-    """Whether llama.cpp may put weights in its extra buffers (repacked for this CPU's kernels, or AMX).
+def extra_buffers_usable(system_info: str) -> bool:
+    """Whether llama.cpp may put weights in its extra buffers (repacked for this CPU's SIMD kernels).
 
-    Not when the build has AMX int8 kernels but the CPU does not list ``amx_int8``: some VMs pass
-    ``amx_tile`` through yet fault on AMX arithmetic (SIGILL inside ``llama_decode``, seen on this
-    project's Xeon VM), and llama.cpp picks the AMX buffer whenever tiles can be enabled.
+    Not when the build has AMX int8 kernels: llama.cpp then prefers the AMX buffer whenever the kernel
+    grants tile state, and some VMs grant it and list ``amx_int8`` yet fault on AMX arithmetic (SIGILL
+    inside ``llama_decode`` on this project's Xeon VM), which no flag reveals. Plain buffers run anywhere.
 
-    >>> extra_buffers_usable("AVX2 = 1 | AMX_INT8 = 1 |", {"avx2", "amx_tile"})
+    >>> extra_buffers_usable("AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |")
     False
-    >>> extra_buffers_usable("AVX2 = 1 | AMX_INT8 = 1 |", {"amx_tile", "amx_int8"})
-    True
-    >>> extra_buffers_usable("AVX2 = 1 | REPACK = 1 |", {"avx2"})
+    >>> extra_buffers_usable("AVX2 = 1 | REPACK = 1 |")
     True
     """
-    return "AMX_INT8 = 1" not in system_info or "amx_int8" in cpu_flags
-
-
-def _cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none: AMX then counts as absent)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return set()
+    return "AMX_INT8 = 1" not in system_info
 
 
 class _Batch:
@@ -106,7 +92,7 @@ class LlamaCppCausalLM:
         lib.llama_backend_init()
         model_params = lib.llama_model_default_params()
         model_params.use_extra_bufts = extra_buffers_usable(
-            lib.llama_print_system_info().decode(errors="replace"), _cpu_flags()
+            lib.llama_print_system_info().decode("utf-8", "replace")
         )
         self._model = lib.llama_model_load_from_file(str(gguf_path).encode(), model_params)
         if not self._model:
