@@ -220,7 +220,7 @@ def variants(cell: Cell, args: argparse.Namespace) -> list[Variant]:
 
 
 def speculative_variants(cell: Cell, args: argparse.Namespace) -> list[Variant]:
-    draft = cell.draft.model
+    draft = getattr(cell.draft, "model", None)  # HF's assistant; none on the llama.cpp engine (no HF paths)
     found = []
     if "constant" in args.policies:
         for gamma in args.gammas:
