@@ -121,7 +121,9 @@ def jobs_without_results(sweep_dir: Path) -> list[str]:
     out of memory), as ``#<num> <its swept overrides>``, in job order."""
     from omegaconf import OmegaConf
 
-    swept_keys = (read_sweep_info(sweep_dir) or {}).get("swept_keys") or []
+    swept_keys = {
+        names.override_key(key) for key in (read_sweep_info(sweep_dir) or {}).get("swept_keys") or []
+    }
     lines = []
     for hydra_dir in sorted(sweep_dir.glob("*/.hydra"), key=lambda path: job_order(path.parent)):
         job_dir = hydra_dir.parent

@@ -101,9 +101,15 @@ def child_run_name(overrides: Sequence[str], swept_keys: Sequence[str]) -> str:
     >>> child_run_name(["decoder=speculative", "decoder.num_draft_tokens=4"], ["decoder.num_draft_tokens",
     ...                 "decoder"])
     'num_draft_tokens=4 · speculative'
+
+    A swept group added with ``+`` (a sweep preset's ``+sweep/truncation: a,b``) names its choice too:
+
+    >>> child_run_name(["sampling.temperature=2.0", "+sweep/truncation=min_p_30"],
+    ...                ["sampling.temperature", "+sweep/truncation"])
+    'temperature=2.0 · min_p_30'
     """
     by_key = {override_key(override): override for override in overrides}
-    parts = [short_value(by_key[key]) for key in swept_keys if key in by_key]
+    parts = [short_value(by_key[key]) for key in map(override_key, swept_keys) if key in by_key]
     return SEPARATOR.join(parts) or "default"
 
 
