@@ -88,7 +88,7 @@ from _common import (
 
 from rtdlm_experiments.job.prompt_sets import load_prompts
 from rtdlm_experiments.models import HFCausalLM, clear_model_cache, load_model
-from rtdlm_experiments.models.engines import LlamaCppSettings
+from rtdlm_experiments.models.engines import llamacpp_settings
 from sampling import SamplingConfig, get_preset
 from sampling.decoding import (
     AutoregressiveDecoder,
@@ -458,7 +458,7 @@ def parse_args() -> argparse.Namespace:
 def load(name: str, dtype: str, args: argparse.Namespace) -> Any:
     """A model on the chosen engine; on torch without EOS, so HF's paths generate every token too."""
     if args.engine == "llamacpp":
-        return load_model(name, engine="llamacpp", llamacpp=LlamaCppSettings(n_threads=args.threads or 2))
+        return load_model(name, engine="llamacpp", llamacpp=llamacpp_settings({"n_threads": args.threads}))
     return without_eos(load_model(name, dtype=dtype, device=args.device))
 
 
@@ -472,7 +472,7 @@ def prompt_texts(kind: str, count: int) -> list[str]:
 
 def engine_label(args: argparse.Namespace) -> str:
     if args.engine == "llamacpp":
-        return f"llama.cpp engine, {args.threads or 2} threads"
+        return f"llama.cpp engine, {llamacpp_settings({'n_threads': args.threads}).n_threads} threads"
     return f"torch engine on {args.device}"
 
 
